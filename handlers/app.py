@@ -1,0 +1,197 @@
+"""The FastStream app: JetStream in, the classifier service, results and dead letters out.
+
+Runs under ``stanchion run`` (which starts an embedded nats-server when ``NATS_URL`` is unset),
+or under FastStream's own CLI: ``faststream run handlers.app:app`` and
+``faststream docs gen handlers.app:app``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import structlog
+from faststream import AckPolicy, FastStream
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.specification import AsyncAPI
+from nats.js.api import ConsumerConfig, StorageType
+
+from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
+from handlers.service import Answered, ClassifierService, DeadLettered, Redeliver
+from handlers.settings import Settings
+
+log = structlog.get_logger("stanchion.app")
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+
+
+async def raw_body(msg: NatsMessage) -> bytes:
+    """Hand the handler the bytes as they arrived: the service validates them itself."""
+    return msg.body
+
+
+def delivery_count(msg: NatsMessage) -> int:
+    with contextlib.suppress(Exception):  # not a JetStream message (e.g. under TestNatsBroker)
+        return int(msg.raw_message.metadata.num_delivered)
+    return 1
+
+
+def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
+    return NatsBroker(
+        url or settings.nats_url or DEFAULT_URL,
+        name="stanchion",
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        graceful_timeout=30.0,
+        logger=logging.getLogger("stanchion.faststream"),
+        log_level=logging.DEBUG,
+    )
+
+
+def create_app(
+    settings: Settings,
+    service: ClassifierService,
+    *,
+    url: str | None = None,
+    broker: NatsBroker | None = None,
+) -> FastStream:
+    """Wire the service into a FastStream app on ``url`` (default ``settings.nats_url``)."""
+    broker = broker or create_broker(settings, url)
+    results = broker.publisher(
+        settings.output_subject,
+        stream=JStream(
+            settings.output_stream,
+            subjects=[settings.output_subject],
+            duplicate_window=settings.dedup_window_s,
+            storage=StorageType.FILE,
+        ),
+        schema=ResultEnvelope[TaskClassification],
+        title="results",
+        description="One result envelope per event. Nats-Msg-Id is the event id, so duplicates are dropped.",
+    )
+    dead_letters = broker.publisher(
+        settings.dlq_subject,
+        stream=JStream(
+            settings.dlq_stream,
+            subjects=[settings.dlq_subject],
+            duplicate_window=settings.dedup_window_s,
+            storage=StorageType.FILE,
+        ),
+        schema=DeadLetter,
+        title="dead-letters",
+        description="Events the service could not answer, with their reason and payload.",
+    )
+
+    @broker.subscriber(
+        settings.input_subject,
+        stream=JStream(settings.input_stream, subjects=[settings.input_subject], storage=StorageType.FILE),
+        durable=settings.durable,
+        pull_sub=PullSub(batch_size=min(settings.max_in_flight, 64), timeout=1.0),
+        config=ConsumerConfig(
+            max_deliver=settings.max_deliver,
+            ack_wait=settings.ack_wait_s,
+            max_ack_pending=settings.max_in_flight * 4,
+        ),
+        max_workers=settings.max_in_flight,
+        ack_policy=AckPolicy.MANUAL,
+        decoder=raw_body,
+        title="tasks",
+        description="TaskEvents to classify. Anything that is not a valid TaskEvent becomes a dead letter.",
+    )
+    async def classify(body: TaskEvent | bytes, msg: NatsMessage) -> None:
+        data = body if isinstance(body, bytes) else body.model_dump_json().encode()
+        delivery = delivery_count(msg)
+        subject = msg.raw_message.subject or settings.input_subject
+        try:
+            outcome = await service.handle(data, subject=subject, headers=msg.headers, delivery=delivery)
+            if isinstance(outcome, Answered):
+                envelope = outcome.envelope
+                await results.publish(
+                    envelope.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
+                )
+                await msg.ack()
+                log.info("answered", event_id=envelope.event_id, model=envelope.model, degraded=envelope.degraded,
+                         attempts=envelope.attempts, latency_ms=envelope.latency_ms)
+            elif isinstance(outcome, DeadLettered):
+                await _dead_letter(dead_letters, outcome.dead, msg)
+            elif isinstance(outcome, Redeliver):
+                await msg.nack(delay=outcome.delay_s)
+        except Exception as exc:
+            # Nothing was acked: the message comes back. On its last delivery, dead-letter it instead of losing it.
+            log.exception("handling failed", delivery=delivery)
+            if delivery >= settings.max_deliver:
+                with contextlib.suppress(Exception):
+                    dead = service.dead_letter(
+                        data, subject=subject, error_type="internal", reason=f"handler failed: {type(exc).__name__}",
+                        delivery=delivery, errors=[f"{type(exc).__name__}: {exc}"],
+                    )
+                    await _dead_letter(dead_letters, dead, msg)
+                    return
+            await msg.nack(delay=min(2.0**delivery, 30.0))
+
+    return FastStream(
+        broker,
+        specification=AsyncAPI(
+            title="stanchion",
+            version="0.1.0",
+            description="Classifies TaskEvents with typed LLM agents behind a reliability stack.",
+        ),
+    )
+
+
+async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> None:
+    seq = "x"
+    with contextlib.suppress(Exception):
+        seq = str(msg.raw_message.metadata.sequence.stream)
+    await publisher.publish(
+        dead.model_dump_json().encode(),
+        headers={"Nats-Msg-Id": f"dead:{dead.event_id or 'unknown'}:{seq}", "content-type": "application/json"},
+    )
+    await msg.reject()
+    log.warning("dead-lettered", event_id=dead.event_id, error_type=dead.error_type, reason=dead.reason)
+
+
+def _module_app() -> FastStream:
+    """The app for ``faststream run handlers.app:app``: settings from the environment.
+
+    ``NATS_URL`` unset: an embedded nats-server is started before the broker connects, and stopped after.
+    """
+    from handlers.embedded import EmbeddedNats
+    from handlers.errors import ConfigError
+    from handlers.logs import configure_logging
+    from handlers.policy import resolve_policy
+    from handlers.settings import load_settings
+
+    try:
+        settings = load_settings()
+        policy = resolve_policy(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"stanchion: configuration error: {exc}") from None
+    service = ClassifierService(settings, policy)
+    broker = create_broker(settings)
+    application = create_app(settings, service, broker=broker)
+    embedded: list[EmbeddedNats] = []
+
+    @application.on_startup
+    def start_embedded() -> None:
+        configure_logging(settings.log_level, settings.log_format, service.redact.secrets)
+        if settings.nats_url is None:
+            server = EmbeddedNats(settings.nats_server_bin, settings.nats_store_dir)
+            url = server.start()
+            embedded.append(server)
+            # The broker was built before the server existed; point its (not yet opened) connection at it.
+            broker._connection_kwargs["servers"] = [url]
+            log.info("embedded nats-server started", url=url, pid=server.process.pid if server.process else None)
+
+    @application.after_shutdown
+    def stop_embedded() -> None:
+        for server in embedded:
+            server.stop()
+
+    return application
+
+
+app = _module_app()

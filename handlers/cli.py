@@ -1,0 +1,257 @@
+"""The ``stanchion`` command: run the service, publish events, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import nats
+import typer
+from nats.js.errors import NoStreamResponseError
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from handlers.errors import ConfigError
+from handlers.logs import configure_logging
+from handlers.policy import Policy, resolve_policy
+from handlers.settings import Settings, load_settings
+
+cli = typer.Typer(
+    name="stanchion",
+    help="Reliable, typed LLM answers to NATS events.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def main() -> None:
+    cli()
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"stanchion: {message}", markup=False, highlight=False)
+    return typer.Exit(code)
+
+
+def _configure() -> tuple[Settings, Policy]:
+    try:
+        settings = load_settings()
+        return settings, resolve_policy(settings)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+
+
+@contextlib.contextmanager
+def nats_server(settings: Settings) -> Iterator[str]:
+    """``NATS_URL`` if set; otherwise an embedded nats-server for the duration of the block."""
+    if settings.nats_url:
+        yield settings.nats_url
+        return
+    from handlers.embedded import EmbeddedNats
+
+    try:
+        server = EmbeddedNats(settings.nats_server_bin, settings.nats_store_dir)
+        server.start()
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def _check_nats(url: str) -> None:
+    """Fail fast, with a readable message, when the server is unreachable or refuses us."""
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0)
+    except Exception as exc:
+        raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {exc or type(exc).__name__}", 1) from None
+    await nc.close()
+
+
+def _safe_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url.rpartition("@")[2]
+
+
+@cli.command()
+def run() -> None:
+    """Run the service: consume tasks, answer them, publish results (logs on stderr; Ctrl-C stops it)."""
+    settings, policy = _configure()
+    from handlers.app import create_app
+    from handlers.service import ClassifierService
+
+    try:
+        service = ClassifierService(settings, policy)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    configure_logging(settings.log_level, settings.log_format, service.redact.secrets)
+
+    async def serve(url: str) -> None:
+        await _check_nats(url)
+        await create_app(settings, service, url=url).run()
+
+    with nats_server(settings) as url:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(url))
+
+
+@cli.command()
+def publish(
+    subject: Annotated[str, typer.Argument(help="Subject to publish to, e.g. tasks.classify.")],
+    payload: Annotated[str | None, typer.Argument(help="One JSON event.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="A JSON-lines file: one event per line.")] = None,
+) -> None:
+    """Publish one event, or every line of a JSON-lines file, to NATS_URL."""
+    if (payload is None) == (file is None):
+        raise _fail("give either a JSON payload or --file, not both or neither")
+    settings, _ = _configure()
+    if not settings.nats_url:
+        raise _fail("configuration error: NATS_URL is not set: publish needs a running server")
+    lines = [payload.encode()] if payload is not None else _read_lines(file)
+    asyncio.run(_publish(settings.nats_url, subject, lines))
+
+
+def _read_lines(file: Path | None) -> list[bytes]:
+    assert file is not None
+    try:
+        return [line for line in file.read_bytes().splitlines() if line.strip()]
+    except OSError as exc:
+        raise _fail(f"cannot read {str(file)!r}: {exc.strerror}", 1) from None
+
+
+async def _publish(url: str, subject: str, lines: list[bytes]) -> None:
+    await _check_nats(url)
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    stored = 0
+    try:
+        with Progress(console=err, transient=True, disable=len(lines) < 2) as progress:
+            task = progress.add_task(f"publishing to {subject}", total=len(lines))
+            for line in lines:
+                try:
+                    await js.publish(subject, line)
+                    stored += 1
+                except NoStreamResponseError:
+                    await nc.publish(subject, line)  # no stream on that subject: plain NATS
+                progress.advance(task)
+        await nc.flush()
+    finally:
+        await nc.close()
+    out.print(f"published {len(lines)} message(s) to {subject} ({stored} stored by JetStream)")
+
+
+SAMPLES: list[tuple[str, str]] = [
+    ("simple", "The login page crashes with a 500 error after the last deploy"),
+    ("simple", "Please add dark mode to the dashboard"),
+    ("simple", "How do I reset my API token?"),
+    ("complex", "URGENT: production outage, payments fail for every customer since 10:02, data loss possible"),
+    ("simple", "Typo on the pricing page: 'recieve'"),
+    ("simple", "Would be nice to export reports as CSV"),
+    ("complex", "After upgrading to 2.3 the sync job intermittently fails with a timeout exception and retries forever"),
+    ("simple", "Is it possible to use SSO with Okta?"),
+    ("simple", "Thanks for the quick fix yesterday!"),
+    ("simple", "Security: the reset link does not expire"),
+]
+
+
+@cli.command()
+def demo(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the service's logs.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for every answer.")] = 120.0,
+) -> None:
+    """Start NATS (embedded unless NATS_URL is set) and the service, classify sample events, print each result."""
+    settings, policy = _configure()
+    from handlers.service import ClassifierService
+
+    try:
+        service = ClassifierService(settings, policy)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    configure_logging(settings.log_level if verbose else "error", settings.log_format, service.redact.secrets)
+    models = ", ".join(f"{m.name} ({m.model})" for m in policy.models) or "none"
+    out.print(f"models: {models}; then the keyword heuristic")
+    with nats_server(settings) as url:
+        ok = asyncio.run(_demo(settings, service, url, timeout))
+    if not ok:
+        raise typer.Exit(1)
+
+
+async def _demo(settings: Settings, service: Any, url: str, timeout: float) -> bool:
+    from handlers.app import create_app
+
+    await _check_nats(url)
+    app = create_app(settings, service, url=url)
+    run_id = uuid.uuid4().hex[:8]
+    ids = [f"demo-{run_id}-{i:02d}" for i in range(len(SAMPLES))]
+    answers: dict[str, dict[str, Any]] = {}
+    done = asyncio.Event()
+    nc = await nats.connect(url)
+
+    async def collect(msg: Any) -> None:
+        body = json.loads(msg.data)
+        if body.get("event_id") in ids:
+            answers[body["event_id"]] = body
+            if len(answers) == len(ids):
+                done.set()
+
+    try:
+        await nc.subscribe(settings.output_subject, cb=collect)
+        await nc.subscribe(settings.dlq_subject, cb=collect)
+        async with app:
+            js = nc.jetstream()
+            started = time.monotonic()
+            for event_id, (kind, text) in zip(ids, SAMPLES, strict=True):
+                event = {"id": event_id, "text": text, "kind": kind, "source": "demo"}
+                await js.publish(settings.input_subject, json.dumps(event).encode())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout)
+            elapsed = time.monotonic() - started
+    finally:
+        await nc.close()
+    _print_results(ids, answers, elapsed)
+    return len(answers) == len(ids) and all("result" in a for a in answers.values())
+
+
+def _print_results(ids: list[str], answers: dict[str, dict[str, Any]], elapsed: float) -> None:
+    table = Table(title="stanchion demo")
+    for column in ("id", "category", "priority", "served by", "degraded", "latency ms"):
+        table.add_column(column, justify="right" if column in ("priority", "latency ms") else "left")
+    latencies: list[float] = []
+    for event_id in ids:
+        answer = answers.get(event_id)
+        if answer is None:
+            table.add_row(event_id, "-", "-", "no answer", "-", "-")
+        elif "result" in answer:
+            latencies.append(float(answer["latency_ms"]))
+            result = answer["result"]
+            table.add_row(event_id, result["category"], str(result["priority"]), answer["model"],
+                          str(answer["degraded"]).lower(), f"{answer['latency_ms']:.0f}")
+        else:
+            table.add_row(event_id, "-", "-", f"dead letter: {answer.get('error_type')}", "-", "-")
+    out.print(table)
+    answered = len(latencies)
+    degraded = sum(1 for a in answers.values() if a.get("degraded"))
+    p50 = statistics.median(latencies) if latencies else 0.0
+    p95 = sorted(latencies)[max(0, round(0.95 * len(latencies)) - 1)] if latencies else 0.0
+    out.print(
+        f"{answered}/{len(ids)} answered ({degraded} degraded by the heuristic), "
+        f"{len(answers) - answered} dead letters, {len(ids) - len(answers)} missing; "
+        f"latency p50 {p50:.0f} ms, p95 {p95:.0f} ms; {elapsed:.1f} s in all"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

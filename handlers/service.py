@@ -1,0 +1,273 @@
+"""The classification service without the transport: bytes in, one outcome out.
+
+``ClassifierService.handle`` validates the payload, runs the reliability stack and says what the
+transport must do with the message: publish a result and ack, publish a dead letter and term, or
+redeliver later. ``handlers.app`` is the FastStream adapter around it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+from tenacity import stop_after_attempt, wait_exponential_jitter
+
+from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
+from handlers.agent import AgentTerminal, build_candidates
+from handlers.heuristic import classify as heuristic_classify
+from handlers.policy import Policy
+from handlers.redact import Redactor
+from handlers.settings import Settings
+from middleware import (
+    SYSTEM_CLOCK,
+    AllCandidatesFailed,
+    BreakerPolicy,
+    BreakerStore,
+    Call,
+    Candidate,
+    CircuitBreaker,
+    Clock,
+    Fallback,
+    InMemoryBreakerStore,
+    Middleware,
+    NoCandidates,
+    Retry,
+    RetryPolicy,
+    Route,
+    RouteSpec,
+    Rule,
+    Stack,
+    Terminal,
+    Timeout,
+    describe,
+)
+
+log = structlog.get_logger("stanchion.service")
+
+MAX_DEAD_PAYLOAD = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Answered:
+    envelope: ResultEnvelope[TaskClassification]
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    dead: DeadLetter
+
+
+@dataclass(frozen=True)
+class Redeliver:
+    delay_s: float
+    reason: str
+
+
+Outcome = Answered | DeadLettered | Redeliver
+
+
+async def heuristic(call: Call) -> TaskClassification:
+    """The keyword heuristic as the stack's answer of last resort."""
+    event: TaskEvent = call.event
+    return heuristic_classify(event)
+
+
+def build_stack(
+    settings: Settings,
+    policy: Policy,
+    *,
+    terminal: Terminal[TaskClassification] | None = None,
+    candidates: Mapping[str, Candidate] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    breaker_store: BreakerStore | None = None,
+) -> tuple[Stack[TaskClassification], CircuitBreaker]:
+    """The stack of ARCHITECTURE.md, built from the policy: Route → Fallback → Retry → CircuitBreaker → Timeout."""
+    if candidates is None:
+        candidates = build_candidates(
+            policy, attempt_timeout_s=settings.attempt_timeout_s, output_retries=settings.output_retries
+        )
+    routes = {
+        name: RouteSpec(tuple(candidates[m] for m in route.models), route.heuristic) for name, route in policy.routes.items()
+    }
+    rules = [Rule(r.route, frozenset(r.kinds), r.min_text_length) for r in policy.rules]
+    retry = {
+        name: RetryPolicy(
+            stop=stop_after_attempt(route.retry.attempts),
+            wait=wait_exponential_jitter(multiplier=route.retry.initial_s, max=route.retry.max_s, jitter=route.retry.jitter_s),
+            max_retry_after=route.retry.max_retry_after_s,
+        )
+        for name, route in policy.routes.items()
+    }
+    timeouts = {name: route.timeout.attempt_s or settings.attempt_timeout_s for name, route in policy.routes.items()}
+
+    def breaker_policy(config: Any) -> BreakerPolicy:
+        return BreakerPolicy(
+            consecutive_failures=config.consecutive_failures,
+            failure_rate=config.failure_rate,
+            window=config.window,
+            min_calls=config.min_calls,
+            open_for=config.open_s,
+            half_open_probes=config.half_open_probes,
+        )
+
+    breaker = CircuitBreaker(
+        policy=breaker_policy(policy.breaker),
+        per_candidate={m.name: breaker_policy(m.breaker) for m in policy.models if m.breaker is not None},
+        store=breaker_store or InMemoryBreakerStore(),
+        clock=clock,
+        on_transition=[_log_transition],
+    )
+    middleware: list[Middleware[TaskClassification]] = [
+        Route(routes, rules, policy.default_route),
+        Fallback(heuristic),
+        Retry(per_route=retry),
+        breaker,
+        Timeout(settings.attempt_timeout_s, per_route=timeouts),
+    ]
+    return Stack(middleware, terminal or AgentTerminal()), breaker
+
+
+def _log_transition(key: str, old: Any, new: Any) -> None:
+    log.warning("circuit breaker changed state", candidate=key, old=old.value, new=new.value)
+
+
+class ClassifierService:
+    """Bytes in, one ``Outcome`` out. Holds the long-lived parts: settings, policy, stack, breakers.
+
+    Args:
+        settings: Service settings.
+        policy: The resolved policy.
+        stack: A prebuilt stack (built from the policy when ``None``).
+        clock: Time source for the stack and deadlines.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        policy: Policy,
+        *,
+        stack: Stack[TaskClassification] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.clock = clock
+        self.stack = stack or build_stack(settings, policy, clock=clock)[0]
+        self.redact = Redactor(settings.secrets() + policy_secrets(policy))
+        self.deadline_s = policy.deadline_s or settings.deadline_s
+
+    async def handle(
+        self, data: bytes, *, subject: str, headers: Mapping[str, str] | None = None, delivery: int = 1
+    ) -> Outcome:
+        """Validate, classify, and say what to do with the message."""
+        started = self.clock.now()
+        event_or_dead = self.validate(data, subject=subject, delivery=delivery)
+        if isinstance(event_or_dead, DeadLetter):
+            return DeadLettered(event_or_dead)
+        event = event_or_dead
+        call = Call(event=event, subject=subject, headers=dict(headers or {}), clock=self.clock,
+                    timeout=self.deadline_s, delivery=delivery)
+        if event.deadline_ms is not None:
+            call.tighten_deadline(event.deadline_ms / 1000)
+        try:
+            output = await self.stack(call)
+        except (AllCandidatesFailed, NoCandidates) as exc:
+            return self._failed(exc, call, data, subject, delivery)
+        envelope = ResultEnvelope[TaskClassification](
+            event_id=event.id,
+            result=output,
+            model=call.served_by or "unknown",
+            degraded=call.degraded,
+            attempts=call.attempts,
+            latency_ms=round((self.clock.now() - started) * 1000, 3),
+            usage=call.usage,
+            cost_usd=call.cost_usd,
+            decisions=[d.model_copy(update={"detail": self.redact(d.detail)}) for d in call.decisions],
+        )
+        return Answered(envelope)
+
+    def validate(self, data: bytes, *, subject: str, delivery: int = 1) -> TaskEvent | DeadLetter:
+        """The event, or the dead letter saying why the payload is poison."""
+        if len(data) > self.settings.max_payload_bytes:
+            return self._poison(data, subject, delivery, "poison.too_large",
+                                f"payload is {len(data)} bytes; the limit is {self.settings.max_payload_bytes}")
+        if not data.strip():
+            return self._poison(data, subject, delivery, "poison.empty", "payload is empty")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return self._poison(data, subject, delivery, "poison.encoding", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return self._poison(data, subject, delivery, "poison.json", f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        try:
+            return TaskEvent.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+            return self._poison(data, subject, delivery, "poison.schema", f"payload is not a TaskEvent: {problems}", event_id)
+
+    def dead_letter(
+        self, data: bytes, *, subject: str, error_type: str, reason: str, event_id: str | None = None,
+        delivery: int = 1, models_tried: list[str] | None = None, attempts: int = 0, errors: list[str] | None = None,
+    ) -> DeadLetter:
+        """A dead letter keeping the payload (as text, or base64 when not UTF-8), truncated when huge."""
+        kept = data[:MAX_DEAD_PAYLOAD]
+        try:
+            payload, encoding = self.redact(kept.decode("utf-8")), "utf-8"
+        except UnicodeDecodeError:
+            payload, encoding = base64.b64encode(kept).decode("ascii"), "base64"
+        return DeadLetter(
+            subject=subject,
+            event_id=event_id,
+            reason=self.redact(reason),
+            error_type=error_type,
+            payload=payload,
+            payload_truncated=len(data) > MAX_DEAD_PAYLOAD,
+            payload_encoding=encoding,  # type: ignore[arg-type]
+            models_tried=models_tried or [],
+            attempts=attempts,
+            deliveries=delivery,
+            errors=[self.redact(e) for e in errors or []],
+        )
+
+    def _poison(
+        self, data: bytes, subject: str, delivery: int, error_type: str, reason: str, event_id: str | None = None
+    ) -> DeadLetter:
+        log.warning("poison message", error_type=error_type, reason=self.redact(reason), subject=subject, event_id=event_id)
+        return self.dead_letter(data, subject=subject, error_type=error_type, reason=reason, event_id=event_id,
+                                delivery=delivery)
+
+    def _failed(self, exc: Exception, call: Call, data: bytes, subject: str, delivery: int) -> Outcome:
+        causes = list(exc.exceptions) if isinstance(exc, AllCandidatesFailed) else [exc]
+        transient = isinstance(exc, AllCandidatesFailed) and exc.transient
+        event: TaskEvent = call.event
+        if transient and delivery < self.settings.max_deliver:
+            hint = exc.retry_after if isinstance(exc, AllCandidatesFailed) else None
+            delay = hint if hint is not None else min(2.0 ** delivery, 60.0)
+            log.warning("every candidate failed; redelivering later", event_id=event.id, delivery=delivery,
+                        delay_s=delay, error=self.redact(describe(exc)))
+            return Redeliver(delay, self.redact(describe(exc)))
+        error_type = "exhausted" if transient else "failed"
+        reason = (
+            f"every candidate failed after {delivery} deliveries" if transient else "every candidate failed permanently"
+        )
+        return DeadLettered(self.dead_letter(
+            data, subject=subject, error_type=error_type, reason=reason, event_id=event.id, delivery=delivery,
+            models_tried=list(dict.fromkeys(call.models_tried)), attempts=call.attempts,
+            errors=[describe(c) for c in causes],
+        ))
+
+
+def policy_secrets(policy: Policy) -> list[str]:
+    import os
+
+    return [v for m in policy.models if m.api_key_env and (v := os.environ.get(m.api_key_env))]

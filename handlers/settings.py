@@ -1,0 +1,100 @@
+"""Service settings, read once at start-up from the environment (and ``.env``).
+
+Standard names where they exist (``NATS_URL``, ``OPENAI_API_KEY``...); everything else is
+``STANCHION_*``. A bad value raises ``ConfigError`` naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from handlers.errors import ConfigError
+
+_STANDARD_NAMES = {
+    "nats_url": "NATS_URL",
+    "openai_api_key": "OPENAI_API_KEY",
+    "openai_base_url": "OPENAI_BASE_URL",
+    "anthropic_api_key": "ANTHROPIC_API_KEY",
+    "ollama_base_url": "OLLAMA_BASE_URL",
+    "otel_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+}
+
+
+def _std(field_name: str) -> AliasChoices:
+    return AliasChoices(_STANDARD_NAMES[field_name])
+
+
+class Settings(BaseSettings):
+    """Everything the service reads from its environment. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STANCHION_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Standard names.
+    nats_url: str | None = Field(default=None, validation_alias=_std("nats_url"))
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_std("openai_api_key"))
+    openai_base_url: str | None = Field(default=None, validation_alias=_std("openai_base_url"))
+    anthropic_api_key: SecretStr | None = Field(default=None, validation_alias=_std("anthropic_api_key"))
+    ollama_base_url: str = Field(default="http://localhost:11434/v1", validation_alias=_std("ollama_base_url"))
+    otel_endpoint: str | None = Field(default=None, validation_alias=_std("otel_endpoint"))
+
+    # STANCHION_*
+    policy: Path | None = None
+    profile: Literal["auto", "production", "local"] = "auto"
+    input_subject: str = "tasks.classify"
+    output_subject: str = "tasks.classified"
+    dlq_subject: str = "dlq.tasks.classify"
+    input_stream: str = "STANCHION_TASKS"
+    output_stream: str = "STANCHION_RESULTS"
+    dlq_stream: str = "STANCHION_DLQ"
+    durable: str = "stanchion-classifier"
+    max_in_flight: int = Field(default=16, ge=1, le=10_000)
+    max_deliver: int = Field(default=5, ge=1)
+    ack_wait_s: float = Field(default=120.0, gt=0)
+    deadline_s: float = Field(default=60.0, gt=0)
+    attempt_timeout_s: float = Field(default=20.0, gt=0)
+    output_retries: int = Field(default=1, ge=0, le=10)
+    max_payload_bytes: int = Field(default=64 * 1024, ge=256)
+    dedup_window_s: float = Field(default=120.0, gt=0)
+    nats_server_bin: Path | None = None
+    nats_store_dir: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"policy file {str(value)!r} does not exist")
+        return value
+
+    @field_validator("nats_url", "openai_base_url", "otel_endpoint", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def secrets(self) -> list[str]:
+        """Every secret value known to the settings, for redaction."""
+        return [s.get_secret_value() for s in (self.openai_api_key, self.anthropic_api_key) if s is not None]
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets ``field_name``."""
+    return _STANDARD_NAMES.get(field_name, f"STANCHION_{field_name.upper()}")
+
+
+def load_settings() -> Settings:
+    """Read and validate the settings; raises ``ConfigError`` naming the first bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = str(first["loc"][0]) if first["loc"] else "?"
+        name = loc if loc.isupper() else env_name(loc)
+        shown = "" if "KEY" in name else f" (got {first.get('input')!r})"
+        raise ConfigError(f"{name}: {first['msg']}{shown}") from None

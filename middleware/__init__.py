@@ -1,0 +1,67 @@
+"""The reliability stack: composable middleware around one model call, usable in any asyncio service.
+
+``Stack([Route(...), Fallback(...), Retry(), CircuitBreaker(), Timeout()], terminal)`` — the first
+middleware listed runs outermost. Nothing here imports FastStream or the ``handlers`` package.
+"""
+
+from middleware.breaker import BreakerPolicy, CircuitBreaker
+from middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
+from middleware.call import Call, Candidate
+from middleware.clock import SYSTEM_CLOCK, Clock, FakeClock, SystemClock
+from middleware.errors import (
+    AllCandidatesFailed,
+    AttemptTimeout,
+    CircuitOpenError,
+    DeadlineExceeded,
+    FailureKind,
+    NoCandidates,
+    StanchionError,
+    describe,
+    failure_kind,
+    is_transient,
+    wait_hint,
+)
+from middleware.fallback import Fallback
+from middleware.retry import Retry, RetryPolicy, stop_at_deadline, wait_retry_after
+from middleware.route import Route, RouteSpec, Rule
+from middleware.stack import Middleware, Next, Stack, Terminal
+from middleware.timeout import Timeout
+
+__all__ = [
+    "SYSTEM_CLOCK",
+    "AllCandidatesFailed",
+    "AttemptTimeout",
+    "BreakerPolicy",
+    "BreakerRecord",
+    "BreakerState",
+    "BreakerStore",
+    "Call",
+    "Candidate",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "Clock",
+    "DeadlineExceeded",
+    "FailureKind",
+    "FakeClock",
+    "Fallback",
+    "InMemoryBreakerStore",
+    "Middleware",
+    "Next",
+    "NoCandidates",
+    "Retry",
+    "RetryPolicy",
+    "Route",
+    "RouteSpec",
+    "Rule",
+    "Stack",
+    "StanchionError",
+    "SystemClock",
+    "Terminal",
+    "Timeout",
+    "describe",
+    "failure_kind",
+    "is_transient",
+    "stop_at_deadline",
+    "wait_hint",
+    "wait_retry_after",
+]

@@ -1,0 +1,184 @@
+"""CircuitBreaker: an explicit state machine per candidate — closed, open, half-open, forced open, disabled."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+from middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
+from middleware.call import Call
+from middleware.clock import SYSTEM_CLOCK, Clock
+from middleware.errors import CircuitOpenError, is_transient
+from middleware.stack import Next
+
+R = TypeVar("R")
+
+Transition = Callable[[str, BreakerState, BreakerState], None]
+"""Called with (key, old state, new state) on every state change."""
+
+
+@dataclass(frozen=True)
+class BreakerPolicy:
+    """When a breaker trips and how it recovers.
+
+    Args:
+        consecutive_failures: Trip after this many failures in a row.
+        failure_rate: Trip when the failure rate over the window reaches this (0-1)...
+        window: ...counted over the last ``window`` calls...
+        min_calls: ...once at least ``min_calls`` are in the window.
+        open_for: Seconds to stay open before letting probes through.
+        half_open_probes: Probes allowed at once while half-open; this many successes close it.
+        counts: Which failures count toward tripping (default: transient ones).
+    """
+
+    consecutive_failures: int = 5
+    failure_rate: float = 0.5
+    window: int = 20
+    min_calls: int = 10
+    open_for: float = 30.0
+    half_open_probes: int = 1
+    counts: Callable[[BaseException], bool] = is_transient
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1:
+            raise ValueError(f"consecutive_failures must be >= 1, got {self.consecutive_failures}")
+        if not 0.0 < self.failure_rate <= 1.0:
+            raise ValueError(f"failure_rate must be in (0, 1], got {self.failure_rate}")
+        if self.window < 1 or not 1 <= self.min_calls <= self.window:
+            raise ValueError(f"need 1 <= min_calls <= window, got min_calls={self.min_calls}, window={self.window}")
+        if self.open_for < 0:
+            raise ValueError(f"open_for must be >= 0, got {self.open_for}")
+        if self.half_open_probes < 1:
+            raise ValueError(f"half_open_probes must be >= 1, got {self.half_open_probes}")
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    """Rejects calls to a candidate whose recent calls failed, until a probe shows it has recovered.
+
+    Keyed by ``call.candidate.name``. State lives in ``store`` (shared by every event, and by replicas
+    when the store is shared); time comes from ``clock``.
+
+    Args:
+        policy: Default policy.
+        per_candidate: Policies for named candidates.
+        store: Breaker state.
+        clock: Time source.
+        on_transition: Listeners told about every state change.
+    """
+
+    policy: BreakerPolicy = field(default_factory=BreakerPolicy)
+    per_candidate: Mapping[str, BreakerPolicy] = field(default_factory=dict)
+    store: BreakerStore = field(default_factory=InMemoryBreakerStore)
+    clock: Clock = SYSTEM_CLOCK
+    on_transition: Sequence[Transition] = ()
+
+    async def __call__(self, call: Call, call_next: Next[R]) -> R:
+        key = call.candidate.name if call.candidate else "default"
+        policy = self.per_candidate.get(key, self.policy)
+        now = self.clock.now()
+        old, new, probe = await self.store.update(key, lambda rec: self._acquire(rec, policy, now))
+        self._changed(call, key, old, new)
+        if new.state in (BreakerState.OPEN, BreakerState.FORCED_OPEN) or (
+            new.state is BreakerState.HALF_OPEN and not probe
+        ):
+            retry_in = None if new.state is BreakerState.FORCED_OPEN else _retry_in(new, policy, now)
+            call.decide("breaker", "rejected", model=key, state=new.state.value, retry_in_s=retry_in)
+            raise CircuitOpenError(key, retry_in, new.state.value)
+        try:
+            result = await call_next(call)
+        except BaseException as exc:
+            failed = isinstance(exc, Exception) and policy.counts(exc)
+            await self._record(call, key, policy, probe, failed=failed, released=not failed)
+            raise
+        await self._record(call, key, policy, probe, failed=False, released=False)
+        return result
+
+    async def state(self, key: str) -> BreakerState:
+        """The current state of one breaker."""
+        return (await self.store.get(key)).state
+
+    async def force_open(self, key: str) -> None:
+        """Reject every call to ``key`` until ``reset``."""
+        await self._set(key, BreakerRecord(state=BreakerState.FORCED_OPEN))
+
+    async def disable(self, key: str) -> None:
+        """Let every call to ``key`` through and stop counting, until ``reset``."""
+        await self._set(key, BreakerRecord(state=BreakerState.DISABLED))
+
+    async def reset(self, key: str) -> None:
+        """Back to closed with an empty window."""
+        await self._set(key, BreakerRecord())
+
+    async def _set(self, key: str, record: BreakerRecord) -> None:
+        old = await self.store.update(key, lambda rec: (replace(record, version=rec.version + 1), rec))
+        if old.state is not record.state:
+            for listener in self.on_transition:
+                listener(key, old.state, record.state)
+
+    def _acquire(
+        self, rec: BreakerRecord, policy: BreakerPolicy, now: float
+    ) -> tuple[BreakerRecord, tuple[BreakerRecord, BreakerRecord, bool]]:
+        new = rec
+        if rec.state is BreakerState.OPEN and _retry_in(rec, policy, now) <= 0:
+            new = replace(rec, state=BreakerState.HALF_OPEN, probes_in_flight=0, probe_successes=0)
+        probe = False
+        if new.state is BreakerState.HALF_OPEN and new.probes_in_flight < policy.half_open_probes:
+            new = replace(new, probes_in_flight=new.probes_in_flight + 1)
+            probe = True
+        new = replace(new, version=rec.version + 1) if new is not rec else rec
+        return new, (rec, new, probe)
+
+    async def _record(
+        self, call: Call, key: str, policy: BreakerPolicy, probe: bool, *, failed: bool, released: bool
+    ) -> None:
+        now = self.clock.now()
+
+        def change(rec: BreakerRecord) -> tuple[BreakerRecord, tuple[BreakerRecord, BreakerRecord]]:
+            new = _after(rec, policy, now, probe=probe, failed=failed, released=released)
+            return replace(new, version=rec.version + 1), (rec, new)
+
+        old, new = await self.store.update(key, change)
+        self._changed(call, key, old, new)
+
+    def _changed(self, call: Call, key: str, old: BreakerRecord, new: BreakerRecord) -> None:
+        if old.state is new.state:
+            return
+        call.decide("breaker", f"{old.state.value} -> {new.state.value}", model=key, state=new.state.value)
+        for listener in self.on_transition:
+            listener(key, old.state, new.state)
+
+
+def _retry_in(rec: BreakerRecord, policy: BreakerPolicy, now: float) -> float:
+    return (rec.opened_at or now) + policy.open_for - now
+
+
+def _after(
+    rec: BreakerRecord, policy: BreakerPolicy, now: float, *, probe: bool, failed: bool, released: bool
+) -> BreakerRecord:
+    """The record after one call finished. ``released``: it failed in a way that doesn't count."""
+    if rec.state in (BreakerState.DISABLED, BreakerState.FORCED_OPEN):
+        return rec
+    if rec.state is BreakerState.HALF_OPEN:
+        if not probe:  # a call admitted before the breaker opened, finishing late: ignore it
+            return rec
+        if failed:
+            return BreakerRecord(state=BreakerState.OPEN, opened_at=now)
+        in_flight = max(rec.probes_in_flight - 1, 0)
+        if released:
+            return replace(rec, probes_in_flight=in_flight)
+        successes = rec.probe_successes + 1
+        if successes >= policy.half_open_probes:
+            return BreakerRecord()
+        return replace(rec, probes_in_flight=in_flight, probe_successes=successes)
+    if rec.state is BreakerState.OPEN:
+        return rec
+    if released:
+        return rec
+    outcomes = (*rec.outcomes, failed)[-policy.window :]
+    consecutive = rec.consecutive_failures + 1 if failed else 0
+    rate_trips = len(outcomes) >= policy.min_calls and sum(outcomes) / len(outcomes) >= policy.failure_rate
+    if failed and (consecutive >= policy.consecutive_failures or rate_trips):
+        return BreakerRecord(state=BreakerState.OPEN, opened_at=now)
+    return replace(rec, consecutive_failures=consecutive, outcomes=outcomes)

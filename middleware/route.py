@@ -1,0 +1,82 @@
+"""Route: picks the ordered candidates (and whether a heuristic may answer) for each event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from middleware.call import Call, Candidate
+from middleware.stack import Next
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """One route: candidates in the order to try them, and whether the heuristic may answer last."""
+
+    candidates: tuple[Candidate, ...]
+    heuristic: bool = True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Sends an event to ``route`` when any one of its conditions holds.
+
+    Args:
+        route: Route name.
+        kinds: Matches when ``event.kind`` is one of these.
+        min_text_length: Matches when ``len(event.text)`` is at least this.
+        when: Any other predicate on the event.
+    """
+
+    route: str
+    kinds: frozenset[str] = frozenset()
+    min_text_length: int | None = None
+    when: Callable[[Any], bool] | None = None
+
+    def matches(self, event: Any) -> bool:
+        if self.kinds and getattr(event, "kind", None) in self.kinds:
+            return True
+        if self.min_text_length is not None and len(getattr(event, "text", "") or "") >= self.min_text_length:
+            return True
+        return self.when is not None and self.when(event)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The first matching rule names the route; otherwise ``default``.
+
+    Args:
+        routes: Route name to its spec.
+        rules: Checked in order.
+        default: Route for events no rule matches.
+    """
+
+    routes: Mapping[str, RouteSpec]
+    rules: Sequence[Rule] = ()
+    default: str = "default"
+
+    def __post_init__(self) -> None:
+        names = {self.default, *(rule.route for rule in self.rules)}
+        if missing := sorted(names - set(self.routes)):
+            raise ValueError(f"unknown route(s) {', '.join(missing)}; known: {', '.join(sorted(self.routes))}")
+
+    def choose(self, event: Any) -> str:
+        return next((rule.route for rule in self.rules if rule.matches(event)), self.default)
+
+    async def __call__(self, call: Call, call_next: Next[R]) -> R:
+        name = self.choose(call.event)
+        spec = self.routes[name]
+        call.route = name
+        call.candidates = spec.candidates
+        call.allow_heuristic = spec.heuristic
+        call.decide(
+            "route",
+            name,
+            model=spec.candidates[0].name if spec.candidates else None,
+            candidates=[c.name for c in spec.candidates],
+            heuristic=spec.heuristic,
+        )
+        return await call_next(call)
