@@ -47,7 +47,7 @@ class ResultEnvelope(BaseModel, Generic[OutputT]):
 
     model_config = ConfigDict(extra="ignore")
 
-    schema_version: Literal["stanchion.result/1"] = RESULT_SCHEMA
+    schema_version: Literal["stanchion.result/1"] = "stanchion.result/1"
     event_id: str
     result: OutputT
     model: str = Field(description='The candidate that served the event; "heuristic" when degraded.')
@@ -66,7 +66,7 @@ class DeadLetter(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    schema_version: Literal["stanchion.dead-letter/1"] = DEAD_LETTER_SCHEMA
+    schema_version: Literal["stanchion.dead-letter/1"] = "stanchion.dead-letter/1"
     subject: str = Field(description="The subject the event arrived on; replay publishes back to it.")
     event_id: str | None = Field(default=None, description="Set when the id could be read.")
     reason: str = Field(description="Human-readable reason.")

@@ -18,7 +18,7 @@ class TaskEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
 
-    schema_version: Literal["stanchion.task-event/1"] = TASK_EVENT_SCHEMA
+    schema_version: Literal["stanchion.task-event/1"] = "stanchion.task-event/1"
     id: str = Field(min_length=1, max_length=200, description="Unique event id; the dedup key.")
     text: str = Field(min_length=1, max_length=MAX_TEXT_LENGTH, description="The text to classify.")
     source: str | None = Field(default=None, max_length=200, description="Where the event came from.")

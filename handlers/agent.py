@@ -48,7 +48,8 @@ class ModelTarget:
         if self.price_input_per_mtok is None and self.price_output_per_mtok is None:
             return reported
         return (
-            usage.input_tokens * (self.price_input_per_mtok or 0.0) + usage.output_tokens * (self.price_output_per_mtok or 0.0)
+            usage.input_tokens * (self.price_input_per_mtok or 0.0)
+            + usage.output_tokens * (self.price_output_per_mtok or 0.0)
         ) / 1_000_000
 
 
@@ -66,9 +67,15 @@ def build_model(config: ModelConfig, *, attempt_timeout_s: float) -> Model:
     api_key = _api_key(config)
     settings = ModelSettings(max_retries=0, timeout=attempt_timeout_s)
     if config.provider == "anthropic":
-        anthropic = AsyncAnthropic(api_key=api_key or "api-key-not-set", base_url=config.base_url, max_retries=0,
-                                   timeout=attempt_timeout_s)
-        return AnthropicModel(config.model_name, provider=AnthropicProvider(anthropic_client=anthropic), settings=settings)
+        anthropic = AsyncAnthropic(
+            api_key=api_key or "api-key-not-set",
+            base_url=config.base_url,
+            max_retries=0,
+            timeout=attempt_timeout_s,
+        )
+        return AnthropicModel(
+            config.model_name, provider=AnthropicProvider(anthropic_client=anthropic), settings=settings
+        )
     base_url = config.base_url
     if config.provider == "ollama" and base_url is None:
         base_url = "http://localhost:11434/v1"
@@ -137,7 +144,9 @@ class AgentTerminal:
         )
         run_usage = result.usage
         usage = Usage(
-            input_tokens=run_usage.input_tokens, output_tokens=run_usage.output_tokens, requests=run_usage.requests
+            input_tokens=run_usage.input_tokens,
+            output_tokens=run_usage.output_tokens,
+            requests=run_usage.requests,
         )
         reported = float(run_usage.cost) if getattr(run_usage, "cost", None) is not None else None
         call.add_usage(usage, target.cost(usage, reported))

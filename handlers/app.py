@@ -43,7 +43,7 @@ def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
         name="stanchion",
         allow_reconnect=True,
         max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
+        reconnect_time_wait=1,
         graceful_timeout=30.0,
         logger=logging.getLogger("stanchion.faststream"),
         log_level=logging.DEBUG,
@@ -113,8 +113,14 @@ def create_app(
                     headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
                 )
                 await msg.ack()
-                log.info("answered", event_id=envelope.event_id, model=envelope.model, degraded=envelope.degraded,
-                         attempts=envelope.attempts, latency_ms=envelope.latency_ms)
+                log.info(
+                    "answered",
+                    event_id=envelope.event_id,
+                    model=envelope.model,
+                    degraded=envelope.degraded,
+                    attempts=envelope.attempts,
+                    latency_ms=envelope.latency_ms,
+                )
             elif isinstance(outcome, DeadLettered):
                 await _dead_letter(dead_letters, outcome.dead, msg)
             elif isinstance(outcome, Redeliver):
@@ -125,8 +131,12 @@ def create_app(
             if delivery >= settings.max_deliver:
                 with contextlib.suppress(Exception):
                     dead = service.dead_letter(
-                        data, subject=subject, error_type="internal", reason=f"handler failed: {type(exc).__name__}",
-                        delivery=delivery, errors=[f"{type(exc).__name__}: {exc}"],
+                        data,
+                        subject=subject,
+                        error_type="internal",
+                        reason=f"handler failed: {type(exc).__name__}",
+                        delivery=delivery,
+                        errors=[f"{type(exc).__name__}: {exc}"],
                     )
                     await _dead_letter(dead_letters, dead, msg)
                     return
@@ -148,7 +158,10 @@ async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> No
         seq = str(msg.raw_message.metadata.sequence.stream)
     await publisher.publish(
         dead.model_dump_json().encode(),
-        headers={"Nats-Msg-Id": f"dead:{dead.event_id or 'unknown'}:{seq}", "content-type": "application/json"},
+        headers={
+            "Nats-Msg-Id": f"dead:{dead.event_id or 'unknown'}:{seq}",
+            "content-type": "application/json",
+        },
     )
     await msg.reject()
     log.warning("dead-lettered", event_id=dead.event_id, error_type=dead.error_type, reason=dead.reason)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -103,9 +102,8 @@ def run() -> None:
         await _check_nats(url)
         await create_app(settings, service, url=url).run()
 
-    with nats_server(settings) as url:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(url))
+    with nats_server(settings) as url, contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(url))
 
 
 @cli.command()
@@ -157,10 +155,16 @@ SAMPLES: list[tuple[str, str]] = [
     ("simple", "The login page crashes with a 500 error after the last deploy"),
     ("simple", "Please add dark mode to the dashboard"),
     ("simple", "How do I reset my API token?"),
-    ("complex", "URGENT: production outage, payments fail for every customer since 10:02, data loss possible"),
+    (
+        "complex",
+        "URGENT: production outage, payments fail for every customer since 10:02, data loss possible",
+    ),
     ("simple", "Typo on the pricing page: 'recieve'"),
     ("simple", "Would be nice to export reports as CSV"),
-    ("complex", "After upgrading to 2.3 the sync job intermittently fails with a timeout exception and retries forever"),
+    (
+        "complex",
+        "After upgrading to 2.3 the sync job intermittently fails with a timeout exception and retries forever",
+    ),
     ("simple", "Is it possible to use SSO with Okta?"),
     ("simple", "Thanks for the quick fix yesterday!"),
     ("simple", "Security: the reset link does not expire"),
@@ -189,7 +193,7 @@ def demo(
         raise typer.Exit(1)
 
 
-async def _demo(settings: Settings, service: Any, url: str, timeout: float) -> bool:
+async def _demo(settings: Settings, service: Any, url: str, wait_s: float) -> bool:
     from handlers.app import create_app
 
     await _check_nats(url)
@@ -217,7 +221,7 @@ async def _demo(settings: Settings, service: Any, url: str, timeout: float) -> b
                 event = {"id": event_id, "text": text, "kind": kind, "source": "demo"}
                 await js.publish(settings.input_subject, json.dumps(event).encode())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
+                await asyncio.wait_for(done.wait(), wait_s)
             elapsed = time.monotonic() - started
     finally:
         await nc.close()
@@ -237,8 +241,14 @@ def _print_results(ids: list[str], answers: dict[str, dict[str, Any]], elapsed: 
         elif "result" in answer:
             latencies.append(float(answer["latency_ms"]))
             result = answer["result"]
-            table.add_row(event_id, result["category"], str(result["priority"]), answer["model"],
-                          str(answer["degraded"]).lower(), f"{answer['latency_ms']:.0f}")
+            table.add_row(
+                event_id,
+                result["category"],
+                str(result["priority"]),
+                answer["model"],
+                str(answer["degraded"]).lower(),
+                f"{answer['latency_ms']:.0f}",
+            )
         else:
             table.add_row(event_id, "-", "-", f"dead letter: {answer.get('error_type')}", "-", "-")
     out.print(table)
@@ -254,4 +264,4 @@ def _print_results(ids: list[str], answers: dict[str, dict[str, Any]], elapsed: 
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -83,12 +83,25 @@ class EmbeddedNats:
 
     def start(self, timeout: float = 10.0) -> str:
         """Start the server and wait until it accepts clients; returns its URL."""
-        cmd = [str(self.binary), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir), *self.args]
+        cmd = [
+            str(self.binary),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port),
+            "-js",
+            "-sd",
+            str(self.store_dir),
+            *self.args,
+        ]
         self.store_dir.mkdir(parents=True, exist_ok=True)
         with open(self._log, "ab") as log:
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -70,7 +70,9 @@ class ModelConfig(_Strict):
     def _provider(self) -> ModelConfig:
         provider, _, name = self.model.partition(":")
         if not name or provider not in PROVIDERS:
-            raise ValueError(f"model {self.model!r} must be 'provider:model' with provider one of {', '.join(PROVIDERS)}")
+            raise ValueError(
+                f"model {self.model!r} must be 'provider:model' with provider one of {', '.join(PROVIDERS)}"
+            )
         return self
 
     @property
@@ -106,7 +108,9 @@ class Policy(_Strict):
     rules: list[RuleConfig] = Field(default_factory=list)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     default_route: str = "default"
-    deadline_s: float | None = Field(default=None, gt=0, description="Per-event deadline; default STANCHION_DEADLINE_S.")
+    deadline_s: float | None = Field(
+        default=None, gt=0, description="Per-event deadline; default STANCHION_DEADLINE_S."
+    )
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
@@ -157,17 +161,27 @@ def default_policy(settings: Settings) -> Policy:
     if profile == "production":
         if settings.openai_api_key:
             models += [
-                ModelConfig(name="fast", model="openai-chat:gpt-4o-mini", base_url=settings.openai_base_url,
-                            api_key_env="OPENAI_API_KEY"),
-                ModelConfig(name="strong", model="openai-chat:gpt-4o", base_url=settings.openai_base_url,
-                            api_key_env="OPENAI_API_KEY"),
+                ModelConfig(
+                    name="fast",
+                    model="openai-chat:gpt-4o-mini",
+                    base_url=settings.openai_base_url,
+                    api_key_env="OPENAI_API_KEY",
+                ),
+                ModelConfig(
+                    name="strong",
+                    model="openai-chat:gpt-4o",
+                    base_url=settings.openai_base_url,
+                    api_key_env="OPENAI_API_KEY",
+                ),
             ]
         if settings.anthropic_api_key:
-            models.append(ModelConfig(name="backup", model="anthropic:claude-3-5-haiku-latest",
-                                      api_key_env="ANTHROPIC_API_KEY"))
+            models.append(
+                ModelConfig(name="backup", model="anthropic:claude-3-5-haiku-latest", api_key_env="ANTHROPIC_API_KEY")
+            )
     if not models:
-        models.append(ModelConfig(name="local", model="ollama:llama3.2", base_url=settings.ollama_base_url,
-                                  output_mode="native"))
+        models.append(
+            ModelConfig(name="local", model="ollama:llama3.2", base_url=settings.ollama_base_url, output_mode="native")
+        )
     names = [m.name for m in models]
     simple = [n for n in ("fast", "backup", "local") if n in names]
     complex_ = [n for n in ("strong", "backup", "fast", "local") if n in names]

@@ -92,13 +92,16 @@ def build_stack(
             policy, attempt_timeout_s=settings.attempt_timeout_s, output_retries=settings.output_retries
         )
     routes = {
-        name: RouteSpec(tuple(candidates[m] for m in route.models), route.heuristic) for name, route in policy.routes.items()
+        name: RouteSpec(tuple(candidates[m] for m in route.models), route.heuristic)
+        for name, route in policy.routes.items()
     }
     rules = [Rule(r.route, frozenset(r.kinds), r.min_text_length) for r in policy.rules]
     retry = {
         name: RetryPolicy(
             stop=stop_after_attempt(route.retry.attempts),
-            wait=wait_exponential_jitter(multiplier=route.retry.initial_s, max=route.retry.max_s, jitter=route.retry.jitter_s),
+            wait=wait_exponential_jitter(
+                multiplier=route.retry.initial_s, max=route.retry.max_s, jitter=route.retry.jitter_s
+            ),
             max_retry_after=route.retry.max_retry_after_s,
         )
         for name, route in policy.routes.items()
@@ -170,8 +173,14 @@ class ClassifierService:
         if isinstance(event_or_dead, DeadLetter):
             return DeadLettered(event_or_dead)
         event = event_or_dead
-        call = Call(event=event, subject=subject, headers=dict(headers or {}), clock=self.clock,
-                    timeout=self.deadline_s, delivery=delivery)
+        call = Call(
+            event=event,
+            subject=subject,
+            headers=dict(headers or {}),
+            clock=self.clock,
+            timeout=self.deadline_s,
+            delivery=delivery,
+        )
         if event.deadline_ms is not None:
             call.tighten_deadline(event.deadline_ms / 1000)
         try:
@@ -194,18 +203,35 @@ class ClassifierService:
     def validate(self, data: bytes, *, subject: str, delivery: int = 1) -> TaskEvent | DeadLetter:
         """The event, or the dead letter saying why the payload is poison."""
         if len(data) > self.settings.max_payload_bytes:
-            return self._poison(data, subject, delivery, "poison.too_large",
-                                f"payload is {len(data)} bytes; the limit is {self.settings.max_payload_bytes}")
+            return self._poison(
+                data,
+                subject,
+                delivery,
+                "poison.too_large",
+                f"payload is {len(data)} bytes; the limit is {self.settings.max_payload_bytes}",
+            )
         if not data.strip():
             return self._poison(data, subject, delivery, "poison.empty", "payload is empty")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return self._poison(data, subject, delivery, "poison.encoding", f"payload is not UTF-8: {exc.reason} at byte {exc.start}")
+            return self._poison(
+                data,
+                subject,
+                delivery,
+                "poison.encoding",
+                f"payload is not UTF-8: {exc.reason} at byte {exc.start}",
+            )
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            return self._poison(data, subject, delivery, "poison.json", f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+            return self._poison(
+                data,
+                subject,
+                delivery,
+                "poison.json",
+                f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            )
         try:
             return TaskEvent.model_validate(raw)
         except ValidationError as exc:
@@ -213,11 +239,22 @@ class ClassifierService:
                 f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
             )
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
-            return self._poison(data, subject, delivery, "poison.schema", f"payload is not a TaskEvent: {problems}", event_id)
+            return self._poison(
+                data, subject, delivery, "poison.schema", f"payload is not a TaskEvent: {problems}", event_id
+            )
 
     def dead_letter(
-        self, data: bytes, *, subject: str, error_type: str, reason: str, event_id: str | None = None,
-        delivery: int = 1, models_tried: list[str] | None = None, attempts: int = 0, errors: list[str] | None = None,
+        self,
+        data: bytes,
+        *,
+        subject: str,
+        error_type: str,
+        reason: str,
+        event_id: str | None = None,
+        delivery: int = 1,
+        models_tried: list[str] | None = None,
+        attempts: int = 0,
+        errors: list[str] | None = None,
     ) -> DeadLetter:
         """A dead letter keeping the payload (as text, or base64 when not UTF-8), truncated when huge."""
         kept = data[:MAX_DEAD_PAYLOAD]
@@ -232,7 +269,7 @@ class ClassifierService:
             error_type=error_type,
             payload=payload,
             payload_truncated=len(data) > MAX_DEAD_PAYLOAD,
-            payload_encoding=encoding,  # type: ignore[arg-type]
+            payload_encoding=encoding,
             models_tried=models_tried or [],
             attempts=attempts,
             deliveries=delivery,
@@ -240,11 +277,24 @@ class ClassifierService:
         )
 
     def _poison(
-        self, data: bytes, subject: str, delivery: int, error_type: str, reason: str, event_id: str | None = None
+        self,
+        data: bytes,
+        subject: str,
+        delivery: int,
+        error_type: str,
+        reason: str,
+        event_id: str | None = None,
     ) -> DeadLetter:
-        log.warning("poison message", error_type=error_type, reason=self.redact(reason), subject=subject, event_id=event_id)
-        return self.dead_letter(data, subject=subject, error_type=error_type, reason=reason, event_id=event_id,
-                                delivery=delivery)
+        log.warning(
+            "poison message",
+            error_type=error_type,
+            reason=self.redact(reason),
+            subject=subject,
+            event_id=event_id,
+        )
+        return self.dead_letter(
+            data, subject=subject, error_type=error_type, reason=reason, event_id=event_id, delivery=delivery
+        )
 
     def _failed(self, exc: Exception, call: Call, data: bytes, subject: str, delivery: int) -> Outcome:
         causes = list(exc.exceptions) if isinstance(exc, AllCandidatesFailed) else [exc]
@@ -252,19 +302,32 @@ class ClassifierService:
         event: TaskEvent = call.event
         if transient and delivery < self.settings.max_deliver:
             hint = exc.retry_after if isinstance(exc, AllCandidatesFailed) else None
-            delay = hint if hint is not None else min(2.0 ** delivery, 60.0)
-            log.warning("every candidate failed; redelivering later", event_id=event.id, delivery=delivery,
-                        delay_s=delay, error=self.redact(describe(exc)))
+            delay = hint if hint is not None else min(2.0**delivery, 60.0)
+            log.warning(
+                "every candidate failed; redelivering later",
+                event_id=event.id,
+                delivery=delivery,
+                delay_s=delay,
+                error=self.redact(describe(exc)),
+            )
             return Redeliver(delay, self.redact(describe(exc)))
         error_type = "exhausted" if transient else "failed"
         reason = (
             f"every candidate failed after {delivery} deliveries" if transient else "every candidate failed permanently"
         )
-        return DeadLettered(self.dead_letter(
-            data, subject=subject, error_type=error_type, reason=reason, event_id=event.id, delivery=delivery,
-            models_tried=list(dict.fromkeys(call.models_tried)), attempts=call.attempts,
-            errors=[describe(c) for c in causes],
-        ))
+        return DeadLettered(
+            self.dead_letter(
+                data,
+                subject=subject,
+                error_type=error_type,
+                reason=reason,
+                event_id=event.id,
+                delivery=delivery,
+                models_tried=list(dict.fromkeys(call.models_tried)),
+                attempts=call.attempts,
+                errors=[describe(c) for c in causes],
+            )
+        )
 
 
 def policy_secrets(policy: Policy) -> list[str]:

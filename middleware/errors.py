@@ -53,7 +53,11 @@ class DeadlineExceeded(StanchionError, TimeoutError):
 
     def __init__(self, deadline_s: float | None) -> None:
         self.deadline_s = deadline_s
-        super().__init__("the event's deadline is spent" if deadline_s is None else f"the event's {deadline_s:.3g}s deadline is spent")
+        super().__init__(
+            "the event's deadline is spent"
+            if deadline_s is None
+            else f"the event's {deadline_s:.3g}s deadline is spent"
+        )
 
 
 class CircuitOpenError(StanchionError):
@@ -76,7 +80,7 @@ class NoCandidates(StanchionError):
     """The route chose no model and allows no heuristic."""
 
 
-class AllCandidatesFailed(ExceptionGroup[Exception]):  # noqa: N818 - named for what happened, like FallbackExceptionGroup
+class AllCandidatesFailed(ExceptionGroup[Exception]):
     """Every candidate failed and no heuristic answered. Keeps every cause, in the order tried.
 
     ``transient`` says whether trying again later may succeed (some cause was transient or rejected),
@@ -113,7 +117,11 @@ def failure_kind(exc: BaseException) -> FailureKind:
     if isinstance(exc, ModelRateLimitError | ModelUnavailableError | ModelServerError | ModelConnectionError):
         return FailureKind.TRANSIENT
     if isinstance(exc, ModelHTTPError):
-        return FailureKind.TRANSIENT if exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500 else FailureKind.PERMANENT
+        return (
+            FailureKind.TRANSIENT
+            if exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500
+            else FailureKind.PERMANENT
+        )
     if isinstance(exc, ModelAPIError):
         # Uncategorised provider failure (e.g. an unreadable body): assume the provider hiccupped.
         return FailureKind.TRANSIENT

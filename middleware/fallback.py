@@ -55,7 +55,11 @@ class Fallback(Generic[R]):
             return result
         call.candidate = None
         if self.heuristic is not None and call.allow_heuristic:
-            call.decide("degraded", f"{len(errors)} candidate(s) failed; the heuristic answers", model=self.heuristic_name)
+            call.decide(
+                "degraded",
+                f"{len(errors)} candidate(s) failed; the heuristic answers",
+                model=self.heuristic_name,
+            )
             result = await self.heuristic(call)
             call.served_by = self.heuristic_name
             call.degraded = True

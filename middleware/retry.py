@@ -6,7 +6,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
@@ -17,7 +23,7 @@ from middleware.stack import Next
 R = TypeVar("R")
 
 
-class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own strategies
+class wait_retry_after(wait_base):
     """Wait what the provider asked for (``Retry-After``), capped at ``cap``; else fall back to ``otherwise``."""
 
     def __init__(self, otherwise: wait_base, cap: float = 30.0) -> None:
@@ -34,7 +40,7 @@ class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own str
         return self.otherwise(retry_state)
 
 
-class stop_at_deadline(stop_base):  # noqa: N801
+class stop_at_deadline(stop_base):
     """Stop when the next sleep would end past the event's deadline: no point waiting to be too late."""
 
     def __init__(self, call: Call) -> None:

@@ -69,7 +69,13 @@ class FakeOpenAI:
         with self._lock:
             return len(self.requests)
 
-    def set(self, *, always: Fault | None = None, script: list[Fault] | None = None, fault_rate: float | None = None) -> None:
+    def set(
+        self,
+        *,
+        always: Fault | None = None,
+        script: list[Fault] | None = None,
+        fault_rate: float | None = None,
+    ) -> None:
         with self._lock:
             if always is not None:
                 self.always = always
@@ -165,8 +171,15 @@ class FakeOpenAI:
         if fault in ("429", "500", "503", "401", "404"):
             status = int(fault)
             extra = {"Retry-After": f"{self.retry_after:g}"} if status == 429 else {}
-            kind = {429: "rate_limit_exceeded", 401: "invalid_api_key", 404: "model_not_found"}.get(status, "server_error")
-            self._write(writer, status, {"error": {"message": f"injected {status}", "type": kind, "code": kind}}, extra)
+            kind = {429: "rate_limit_exceeded", 401: "invalid_api_key", 404: "model_not_found"}.get(
+                status, "server_error"
+            )
+            self._write(
+                writer,
+                status,
+                {"error": {"message": f"injected {status}", "type": kind, "code": kind}},
+                extra,
+            )
             return True
         if fault == "malformed":
             self._write_raw(writer, 200, b'{"id": "chatcmpl-x", "choices": [ {"mess', "application/json")
@@ -175,9 +188,7 @@ class FakeOpenAI:
         return True
 
     def _completion(self, body: dict[str, Any], *, invalid: bool) -> dict[str, Any]:
-        text = " ".join(
-            str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "user"
-        )
+        text = " ".join(str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "user")
         answer: dict[str, Any] = {
             "category": self.category,
             "priority": 9 if invalid else 2 + len(text) % 3,
@@ -190,8 +201,11 @@ class FakeOpenAI:
         if tools:
             name = tools[0]["function"]["name"]
             message["tool_calls"] = [
-                {"id": f"call_{len(self.requests)}", "type": "function",
-                 "function": {"name": name, "arguments": json.dumps(answer)}}
+                {
+                    "id": f"call_{len(self.requests)}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(answer)},
+                }
             ]
             finish = "tool_calls"
         else:
@@ -202,17 +216,38 @@ class FakeOpenAI:
             "created": int(time.time()),
             "model": body.get("model", "fake"),
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 50 + len(text) // 4, "completion_tokens": 20, "total_tokens": 70 + len(text) // 4},
+            "usage": {
+                "prompt_tokens": 50 + len(text) // 4,
+                "completion_tokens": 20,
+                "total_tokens": 70 + len(text) // 4,
+            },
         }
 
-    def _write(self, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    def _write(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        payload: dict[str, Any],
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self._write_raw(writer, status, json.dumps(payload).encode(), "application/json", headers)
 
     def _write_raw(
-        self, writer: asyncio.StreamWriter, status: int, data: bytes, ctype: str, headers: dict[str, str] | None = None
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        data: bytes,
+        ctype: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        reason = {200: "OK", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
-                  503: "Service Unavailable"}.get(status, "Error")
+        reason = {
+            200: "OK",
+            401: "Unauthorized",
+            404: "Not Found",
+            429: "Too Many Requests",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }.get(status, "Error")
         head = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}", f"Content-Length: {len(data)}"]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
