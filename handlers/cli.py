@@ -40,7 +40,7 @@ def main() -> None:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"stanchion: {message}", markup=False, highlight=False)
+    typer.echo(f"stanchion: {message}", err=True)
     return typer.Exit(code)
 
 

@@ -144,7 +144,8 @@ def load_policy(path: Path) -> Policy:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ConfigError(f"STANCHION_POLICY: {str(path)!r}: {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"STANCHION_POLICY: {str(path)!r}: {where}: {message}") from None
 
 
 def default_policy(settings: Settings) -> Policy:

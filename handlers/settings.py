@@ -32,7 +32,12 @@ class Settings(BaseSettings):
     """Everything the service reads from its environment. See the README's configuration table."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STANCHION_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+        env_prefix="STANCHION_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
     )
 
     # Standard names.
@@ -96,5 +101,6 @@ def load_settings() -> Settings:
         first = exc.errors()[0]
         loc = str(first["loc"][0]) if first["loc"] else "?"
         name = loc if loc.isupper() else env_name(loc)
-        shown = "" if "KEY" in name else f" (got {first.get('input')!r})"
-        raise ConfigError(f"{name}: {first['msg']}{shown}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        shown = "" if "KEY" in name or first["type"] == "value_error" else f" (got {first.get('input')!r})"
+        raise ConfigError(f"{name}: {message}{shown}") from None

@@ -111,6 +111,7 @@ class FakeOpenAI:
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._loop = loop
         self._server = loop.run_until_complete(asyncio.start_server(self._serve, self.host, self.port))
         self.port = self._server.sockets[0].getsockname()[1]

@@ -1,0 +1,133 @@
+"""Shared fixtures: one real nats-server per session, fake OpenAI-compatible servers, an in-process service."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from handlers.app import create_app
+from handlers.embedded import EmbeddedNats
+from handlers.policy import Policy
+from handlers.service import ClassifierService
+from handlers.settings import Settings
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    """A real nats-server with JetStream on a free loopback port, for the whole session."""
+    server = EmbeddedNats(store_dir=tmp_path_factory.mktemp("nats-store"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[Callable[..., FakeOpenAI]]:
+    """Start fake OpenAI-compatible servers on demand; all are stopped after the test."""
+    started: list[FakeOpenAI] = []
+
+    def start(**kwargs: Any) -> FakeOpenAI:
+        server = FakeOpenAI(**kwargs).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def unique_settings(nats_url: str, **overrides: Any) -> Settings:
+    """Settings with subjects, streams and durable unique to one test, so tests never see each other's messages."""
+    n = next(_names)
+    names: dict[str, Any] = {
+        "input_subject": f"t{n}.tasks.classify",
+        "output_subject": f"t{n}.tasks.classified",
+        "dlq_subject": f"t{n}.dlq.tasks.classify",
+        "input_stream": f"T{n}_TASKS",
+        "output_stream": f"T{n}_RESULTS",
+        "dlq_stream": f"T{n}_DLQ",
+        "durable": f"t{n}-classifier",
+    }
+    return Settings(nats_url=nats_url, **{**names, **overrides})
+
+
+@dataclass
+class Collector:
+    """Collects result envelopes and dead letters from core NATS subscriptions."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def on_result(self, msg: Msg) -> None:
+        self.results.append(json.loads(msg.data))
+        self.changed.set()
+
+    async def on_dead(self, msg: Msg) -> None:
+        self.dead.append(json.loads(msg.data))
+        self.changed.set()
+
+    async def wait_for(self, results: int = 0, dead: int = 0, timeout: float = 30.0) -> None:
+        """Wait until at least this many results and dead letters arrived."""
+        async with asyncio.timeout(timeout):
+            while len(self.results) < results or len(self.dead) < dead:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@dataclass
+class RunningService:
+    settings: Settings
+    service: ClassifierService
+    client: Client
+    collector: Collector
+
+    async def publish(self, event: dict[str, Any] | bytes) -> None:
+        data = event if isinstance(event, bytes) else json.dumps(event).encode()
+        await self.client.jetstream().publish(self.settings.input_subject, data)
+
+
+@asynccontextmanager
+async def running_service(
+    nats_url: str, policy: Policy, settings: Settings | None = None, **overrides: Any
+) -> AsyncIterator[RunningService]:
+    """The FastStream app in-process on the session's nats-server, with collectors on its outputs."""
+    settings = settings or unique_settings(nats_url, **overrides)
+    service = ClassifierService(settings, policy)
+    app = create_app(settings, service, url=nats_url)
+    client = await nats.connect(nats_url)
+    collector = Collector()
+    await client.subscribe(settings.output_subject, cb=collector.on_result)
+    await client.subscribe(settings.dlq_subject, cb=collector.on_dead)
+    try:
+        async with app:
+            yield RunningService(settings, service, client, collector)
+    finally:
+        await client.close()
+
+
+def policy_for(*servers: tuple[str, FakeOpenAI], heuristic: bool = True, **route: Any) -> Policy:
+    """A policy whose models are the given fake servers, tried in the order given."""
+    models = [
+        {"name": name, "model": "openai-chat:gpt-4o-mini", "base_url": server.base_url, "output_mode": "tool"}
+        for name, server in servers
+    ]
+    default = {"models": [name for name, _ in servers], "heuristic": heuristic, **route}
+    return Policy.model_validate({"models": models, "routes": {"default": default}})

@@ -1,0 +1,169 @@
+"""The ``stanchion`` command and FastStream's CLI, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+
+from handlers.embedded import EmbeddedNats
+from handlers.policy import load_policy
+from tests.conftest import ROOT, Collector, running_service, unique_settings
+from tests.fake_openai import FakeOpenAI
+
+STANCHION = str(Path(sys.executable).parent / "stanchion")
+FASTSTREAM = str(Path(sys.executable).parent / "faststream")
+SECRET = "sk-test-0123456789abcdef-secret"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The parent environment without any NATS/provider/stanchion settings, plus ``extra``."""
+    drop = ("NATS_URL", "OPENAI_", "ANTHROPIC_", "OLLAMA_", "STANCHION_", "OTEL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**env, "OLLAMA_BASE_URL": "http://127.0.0.1:9/v1", **extra}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_demo_answers_every_sample_with_the_heuristic_and_leaves_no_server(tmp_path: Path) -> None:
+    """Quickstart: with no keys and no NATS_URL, the demo prints one degraded row per sample, exits 0, cleans up."""
+    store = tmp_path / "demo-store"
+    env = clean_env(STANCHION_NATS_STORE_DIR=str(store))
+    proc = subprocess.run([STANCHION, "demo"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "demo-" in line]
+    assert len(rows) == 10
+    assert all("heuristic" in row and "true" in row for row in rows)
+    assert "10/10 answered" in proc.stdout
+    assert processes_mentioning(str(store)) == []
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"STANCHION_POLICY": "/nonexistent/policy.toml"}, "STANCHION_POLICY"),
+        ({"STANCHION_MAX_IN_FLIGHT": "lots"}, "STANCHION_MAX_IN_FLIGHT"),
+        ({"STANCHION_PROFILE": "staging"}, "STANCHION_PROFILE"),
+    ],
+)
+def test_a_bad_setting_stops_start_up_naming_it(env: dict[str, str], names: str, tmp_path: Path) -> None:
+    """A bad setting exits non-zero with one line naming it, and no traceback."""
+    proc = subprocess.run([STANCHION, "run"], env=clean_env(**env), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and names in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unknown_output_mode_in_the_policy_stops_start_up(tmp_path: Path) -> None:
+    """A policy file with an unknown output_mode is refused at start-up, naming the key."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text((ROOT / "examples/policy.toml").read_text().replace('"native"', '"json"'))
+    proc = subprocess.run([STANCHION, "run"], env=clean_env(STANCHION_POLICY=str(policy)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "models.1.output_mode" in proc.stderr and "STANCHION_POLICY" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+async def test_stanchion_run_answers_events_from_a_plain_client(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """`stanchion run` with OPENAI_API_KEY/OPENAI_BASE_URL answers 20 events, keeps the key out of its logs, and
+    stops cleanly on SIGTERM."""
+    provider = fake_openai()
+    settings = unique_settings(nats_server.url)
+    env = clean_env(
+        NATS_URL=nats_server.url,
+        OPENAI_API_KEY=SECRET,
+        OPENAI_BASE_URL=provider.base_url,
+        STANCHION_INPUT_SUBJECT=settings.input_subject,
+        STANCHION_OUTPUT_SUBJECT=settings.output_subject,
+        STANCHION_DLQ_SUBJECT=settings.dlq_subject,
+        STANCHION_INPUT_STREAM=settings.input_stream,
+        STANCHION_OUTPUT_STREAM=settings.output_stream,
+        STANCHION_DLQ_STREAM=settings.dlq_stream,
+        STANCHION_DURABLE=settings.durable,
+        STANCHION_LOG_FORMAT="json",
+    )
+    log = tmp_path / "service.log"
+    with open(log, "wb") as sink:
+        service = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    client = await nats.connect(nats_server.url)
+    collector = Collector()
+    try:
+        await client.subscribe(settings.output_subject, cb=collector.on_result)
+        js = client.jetstream()
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await js.consumer_info(settings.input_stream, settings.durable)
+                    break
+                except NotFoundError:
+                    await asyncio.sleep(0.1)
+        ids = [f"run-{i}" for i in range(20)]
+        for event_id in ids:
+            await client.publish(settings.input_subject, json.dumps({"id": event_id, "text": "app crashes"}).encode())
+        await collector.wait_for(results=20, timeout=60)
+    finally:
+        await client.close()
+        os.kill(service.pid, signal.SIGTERM)
+        code = service.wait(30)
+    assert code == 0
+    assert sorted(r["event_id"] for r in collector.results) == sorted(ids)
+    assert {r["model"] for r in collector.results} == {"fast"}
+    assert not any(r["degraded"] for r in collector.results)
+    assert provider.count == 20
+    assert {r.model for r in provider.requests} == {"gpt-4o-mini"}
+    output = log.read_text()
+    assert "answered" in output
+    assert SECRET not in output
+
+
+async def test_the_policy_file_example_works_as_written(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's policy example, unchanged: primary (port 18000) answers 503, so backup (18001) serves."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    primary, backup = fake_openai(port=18000, always="503"), fake_openai(port=18001)
+    policy = load_policy(ROOT / "examples/policy.toml")
+    async with running_service(nats_server.url, policy) as svc:
+        for i in range(3):
+            await svc.publish({"id": f"p-{i}", "text": "please add SSO"})
+        await svc.collector.wait_for(results=3)
+    assert {r["model"] for r in svc.collector.results} == {"backup"}
+    assert primary.count >= 1 and backup.count == 3
+    assert all("response_format" in r.body for r in backup.requests)  # backup runs in native output mode
+    assert SECRET not in json.dumps(svc.collector.results)
+
+
+def test_faststream_docs_gen_emits_the_contracts(tmp_path: Path) -> None:
+    """`faststream docs gen handlers.app:app` writes an AsyncAPI document with the contracts' schemas."""
+    out = tmp_path / "asyncapi.json"
+    proc = subprocess.run([FASTSTREAM, "docs", "gen", "handlers.app:app", "-o", str(out)], cwd=ROOT,
+                          env=clean_env(NATS_URL="nats://127.0.0.1:4222"), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    schemas = json.loads(out.read_text())["components"]["schemas"]
+    assert {"TaskEvent", "TaskClassification", "DeadLetter"} <= set(schemas)
+    assert any(name.startswith("ResultEnvelope") for name in schemas)

@@ -1,0 +1,92 @@
+"""The FastStream handler on a real nats-server, against real HTTP providers."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+
+from contracts import DeadLetter, ResultEnvelope, TaskClassification
+from handlers.embedded import EmbeddedNats
+from tests.conftest import policy_for, running_service
+from tests.fake_openai import FakeOpenAI
+
+
+async def test_twenty_events_are_answered_by_the_model(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """Twenty valid events give twenty typed result envelopes with matching ids, served by the model."""
+    provider = fake_openai()
+    async with running_service(nats_server.url, policy_for(("primary", provider))) as svc:
+        ids = [f"e-{i}" for i in range(20)]
+        for event_id in ids:
+            await svc.publish({"id": event_id, "text": f"the export button crashes ({event_id})"})
+        await svc.collector.wait_for(results=20)
+    envelopes = [ResultEnvelope[TaskClassification].model_validate(r) for r in svc.collector.results]
+    assert sorted(e.event_id for e in envelopes) == sorted(ids)
+    assert all(e.model == "primary" and not e.degraded and e.attempts == 1 for e in envelopes)
+    assert all(e.usage.input_tokens > 0 and e.usage.output_tokens > 0 for e in envelopes)
+    assert provider.count == 20
+    assert svc.collector.dead == []
+
+
+async def test_backup_serves_when_primary_answers_503(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """With the primary always failing, every event is served by the backup, not degraded."""
+    primary, backup = fake_openai(always="503"), fake_openai()
+    policy = policy_for(("primary", primary), ("backup", backup), retry={"attempts": 2, "initial_s": 0.01})
+    async with running_service(nats_server.url, policy) as svc:
+        for i in range(5):
+            await svc.publish({"id": f"b-{i}", "text": "feature: add CSV export"})
+        await svc.collector.wait_for(results=5)
+    assert {r["model"] for r in svc.collector.results} == {"backup"}
+    assert not any(r["degraded"] for r in svc.collector.results)
+    assert primary.count >= 1
+    assert backup.count == 5
+
+
+async def test_invalid_payloads_become_dead_letters_and_the_service_keeps_answering(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """Five kinds of poison become five dead letters with a readable reason; a valid event is still answered."""
+    provider = fake_openai()
+    poison: dict[str, bytes] = {
+        "poison.json": b"{not json",
+        "poison.schema": b'{"id": "s-1", "text": ""}',
+        "poison.empty": b"",
+        "poison.encoding": b"\xff\xfe\x00garbage",
+        "poison.too_large": b'{"id": "big", "text": "' + b"x" * 70_000 + b'"}',
+    }
+    async with running_service(nats_server.url, policy_for(("primary", provider))) as svc:
+        for data in poison.values():
+            await svc.publish(data)
+        await svc.collector.wait_for(dead=5)
+        await svc.publish({"id": "after-poison", "text": "how do I rotate keys?"})
+        await svc.collector.wait_for(results=1)
+    dead = [DeadLetter.model_validate(d) for d in svc.collector.dead]
+    assert sorted(d.error_type for d in dead) == sorted(poison)
+    by_type = {d.error_type: d for d in dead}
+    assert all(d.reason and d.subject == svc.settings.input_subject for d in dead)
+    assert "text" in by_type["poison.schema"].reason and by_type["poison.schema"].event_id == "s-1"
+    assert by_type["poison.encoding"].payload_encoding == "base64"
+    assert base64.b64decode(by_type["poison.encoding"].payload) == poison["poison.encoding"]
+    assert by_type["poison.too_large"].payload_truncated
+    assert by_type["poison.json"].payload == "{not json"
+    assert [r["event_id"] for r in svc.collector.results] == ["after-poison"]
+    assert provider.count == 1
+
+
+async def test_every_model_unreachable_degrades_to_the_heuristic(nats_server: EmbeddedNats) -> None:
+    """With no model reachable, the heuristic answers and the envelope says so."""
+    dead_port = FakeOpenAI()  # never started: nothing listens on its URL
+    dead_port.port = 9
+    async with running_service(
+        nats_server.url, policy_for(("primary", dead_port), retry={"attempts": 1})
+    ) as svc:
+        await svc.publish({"id": "h-1", "text": "URGENT: production is down, login crashes"})
+        await svc.collector.wait_for(results=1)
+    [result] = svc.collector.results
+    assert result["model"] == "heuristic" and result["degraded"] is True
+    assert result["result"]["category"] == "bug" and result["result"]["priority"] == 5
+    assert [d["kind"] for d in result["decisions"]][:1] == ["route"]
+    assert any(d["kind"] == "degraded" for d in result["decisions"])
