@@ -123,11 +123,23 @@ async def running_service(
         await client.close()
 
 
-def policy_for(*servers: tuple[str, FakeOpenAI], heuristic: bool = True, **route: Any) -> Policy:
+def policy_for(
+    *servers: tuple[str, FakeOpenAI],
+    heuristic: bool = True,
+    breaker: dict[str, Any] | None = None,
+    model_options: dict[str, dict[str, Any]] | None = None,
+    **route: Any,
+) -> Policy:
     """A policy whose models are the given fake servers, tried in the order given."""
     models = [
-        {"name": name, "model": "openai-chat:gpt-4o-mini", "base_url": server.base_url, "output_mode": "tool"}
+        {
+            "name": name,
+            "model": "openai-chat:gpt-4o-mini",
+            "base_url": server.base_url,
+            "output_mode": "tool",
+            **(model_options or {}).get(name, {}),
+        }
         for name, server in servers
     ]
     default = {"models": [name for name, _ in servers], "heuristic": heuristic, **route}
-    return Policy.model_validate({"models": models, "routes": {"default": default}})
+    return Policy.model_validate({"models": models, "routes": {"default": default}, "breaker": breaker or {}})
