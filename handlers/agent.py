@@ -65,7 +65,8 @@ def output_spec(mode: OutputMode) -> OutputSpec[TaskClassification]:
 def build_model(config: ModelConfig, *, attempt_timeout_s: float) -> Model:
     """A pydantic-ai model for one candidate, with the SDK's own retries off (our Retry is the only one)."""
     api_key = _api_key(config)
-    settings = ModelSettings(max_retries=0, timeout=attempt_timeout_s)
+    # max_tokens: classification answers are short, and Anthropic streams requests allowed more than ~21k tokens.
+    settings = ModelSettings(max_retries=0, timeout=attempt_timeout_s, max_tokens=1024)
     if config.provider == "anthropic":
         anthropic = AsyncAnthropic(
             api_key=api_key or "api-key-not-set",

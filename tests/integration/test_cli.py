@@ -68,8 +68,9 @@ def test_demo_answers_every_sample_with_the_heuristic_and_leaves_no_server(tmp_p
 )
 def test_a_bad_setting_stops_start_up_naming_it(env: dict[str, str], names: str, tmp_path: Path) -> None:
     """A bad setting exits non-zero with one line naming it, and no traceback."""
-    proc = subprocess.run([STANCHION, "run"], env=clean_env(**env), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [STANCHION, "run"], env=clean_env(**env), cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and names in lines[0], proc.stderr
@@ -80,8 +81,14 @@ def test_an_unknown_output_mode_in_the_policy_stops_start_up(tmp_path: Path) -> 
     """A policy file with an unknown output_mode is refused at start-up, naming the key."""
     policy = tmp_path / "policy.toml"
     policy.write_text((ROOT / "examples/policy.toml").read_text().replace('"native"', '"json"'))
-    proc = subprocess.run([STANCHION, "run"], env=clean_env(STANCHION_POLICY=str(policy)), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [STANCHION, "run"],
+        env=clean_env(STANCHION_POLICY=str(policy)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "models.1.output_mode" in proc.stderr and "STANCHION_POLICY" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -161,8 +168,14 @@ async def test_the_policy_file_example_works_as_written(
 def test_faststream_docs_gen_emits_the_contracts(tmp_path: Path) -> None:
     """`faststream docs gen handlers.app:app` writes an AsyncAPI document with the contracts' schemas."""
     out = tmp_path / "asyncapi.json"
-    proc = subprocess.run([FASTSTREAM, "docs", "gen", "handlers.app:app", "-o", str(out)], cwd=ROOT,
-                          env=clean_env(NATS_URL="nats://127.0.0.1:4222"), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [FASTSTREAM, "docs", "gen", "handlers.app:app", "-o", str(out)],
+        cwd=ROOT,
+        env=clean_env(NATS_URL="nats://127.0.0.1:4222"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     schemas = json.loads(out.read_text())["components"]["schemas"]
     assert {"TaskEvent", "TaskClassification", "DeadLetter"} <= set(schemas)

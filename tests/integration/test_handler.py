@@ -80,9 +80,7 @@ async def test_every_model_unreachable_degrades_to_the_heuristic(nats_server: Em
     """With no model reachable, the heuristic answers and the envelope says so."""
     dead_port = FakeOpenAI()  # never started: nothing listens on its URL
     dead_port.port = 9
-    async with running_service(
-        nats_server.url, policy_for(("primary", dead_port), retry={"attempts": 1})
-    ) as svc:
+    async with running_service(nats_server.url, policy_for(("primary", dead_port), retry={"attempts": 1})) as svc:
         await svc.publish({"id": "h-1", "text": "URGENT: production is down, login crashes"})
         await svc.collector.wait_for(results=1)
     [result] = svc.collector.results

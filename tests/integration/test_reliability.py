@@ -110,9 +110,7 @@ async def test_schema_invalid_output_escalates_to_the_backup_after_output_retrie
     assert fallback[0]["model"] == "primary" and fallback[0]["data"]["failure"] == "permanent"
 
 
-async def test_an_auth_error_is_not_retried(
-    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
-) -> None:
+async def test_an_auth_error_is_not_retried(nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]) -> None:
     """401 from primary: one request only, no retry, and the backup serves."""
     primary, backup = fake_openai(always="401"), fake_openai()
     policy = policy_for(("primary", primary), ("backup", backup), retry={"attempts": 5, "initial_s": 0.01})
