@@ -17,7 +17,7 @@ import structlog
 from pydantic import ValidationError
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
-from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
+from contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
 from handlers.agent import AgentTerminal, build_candidates
 from handlers.heuristic import classify as heuristic_classify
 from handlers.policy import Policy
@@ -196,9 +196,13 @@ class ClassifierService:
             latency_ms=round((self.clock.now() - started) * 1000, 3),
             usage=call.usage,
             cost_usd=call.cost_usd,
-            decisions=[d.model_copy(update={"detail": self.redact(d.detail)}) for d in call.decisions],
+            decisions=[self._redacted(d) for d in call.decisions],
         )
         return Answered(envelope)
+
+    def _redacted(self, decision: Decision) -> Decision:
+        detail = self.redact(decision.detail)
+        return decision if detail == decision.detail else decision.model_copy(update={"detail": detail})
 
     def validate(self, data: bytes, *, subject: str, delivery: int = 1) -> TaskEvent | DeadLetter:
         """The event, or the dead letter saying why the payload is poison."""

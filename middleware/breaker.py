@@ -47,7 +47,7 @@ class BreakerPolicy:
             raise ValueError(f"failure_rate must be in (0, 1], got {self.failure_rate}")
         if self.window < 1 or not 1 <= self.min_calls <= self.window:
             raise ValueError(f"need 1 <= min_calls <= window, got min_calls={self.min_calls}, window={self.window}")
-        if self.open_for < 0:
+        if not self.open_for >= 0:  # also refuses NaN
             raise ValueError(f"open_for must be >= 0, got {self.open_for}")
         if self.half_open_probes < 1:
             raise ValueError(f"half_open_probes must be >= 1, got {self.half_open_probes}")
@@ -83,7 +83,8 @@ class CircuitBreaker:
         if new.state in (BreakerState.OPEN, BreakerState.FORCED_OPEN) or (
             new.state is BreakerState.HALF_OPEN and not probe
         ):
-            retry_in = None if new.state is BreakerState.FORCED_OPEN else _retry_in(new, policy, now)
+            # Half-open with every probe slot taken: retry_in is past; say "now-ish", never a negative wait.
+            retry_in = None if new.state is BreakerState.FORCED_OPEN else max(0.0, _retry_in(new, policy, now))
             call.decide("breaker", "rejected", model=key, state=new.state.value, retry_in_s=retry_in)
             raise CircuitOpenError(key, retry_in, new.state.value)
         try:
@@ -92,7 +93,8 @@ class CircuitBreaker:
             failed = isinstance(exc, Exception) and policy.counts(exc)
             await self._record(call, key, policy, probe, failed=failed, released=not failed)
             raise
-        await self._record(call, key, policy, probe, failed=False, released=False)
+        if probe or not _steady(await self.store.get(key), policy):
+            await self._record(call, key, policy, probe, failed=False, released=False)
         return result
 
     async def state(self, key: str) -> BreakerState:
@@ -150,8 +152,19 @@ class CircuitBreaker:
             listener(key, old.state, new.state)
 
 
+def _steady(rec: BreakerRecord, policy: BreakerPolicy) -> bool:
+    """Closed with a full window of successes: one more success would change nothing."""
+    return (
+        rec.state is BreakerState.CLOSED
+        and rec.consecutive_failures == 0
+        and len(rec.outcomes) == policy.window
+        and not any(rec.outcomes)
+    )
+
+
 def _retry_in(rec: BreakerRecord, policy: BreakerPolicy, now: float) -> float:
-    return (rec.opened_at or now) + policy.open_for - now
+    opened = now if rec.opened_at is None else rec.opened_at
+    return opened + policy.open_for - now
 
 
 def _after(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,18 +45,17 @@ class BreakerStore(Protocol):
 
 
 class InMemoryBreakerStore:
-    """Breaker state for one process. Safe under asyncio concurrency (one lock per key)."""
+    """Breaker state for one process (one event loop). Safe under asyncio concurrency."""
 
     def __init__(self) -> None:
         self._records: dict[str, BreakerRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
 
     async def get(self, key: str) -> BreakerRecord:
         return self._records.get(key, BreakerRecord())
 
     async def update(self, key: str, change: Callable[[BreakerRecord], tuple[BreakerRecord, T]]) -> T:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            record, value = change(self._records.get(key, BreakerRecord()))
-            self._records[key] = record
-            return value
+        # ``change`` is synchronous and nothing here awaits, so read-modify-write cannot interleave with
+        # another task on the same event loop: no lock needed.
+        record, value = change(self._records.get(key, BreakerRecord()))
+        self._records[key] = record
+        return value

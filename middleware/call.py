@@ -76,7 +76,8 @@ class Call:
 
     def decide(self, kind: str, detail: str = "", *, model: str | None = None, **data: Any) -> Decision:
         """Record a decision of the stack, timed from the start of the event."""
-        decision = Decision(
+        # model_construct: the stack builds these itself, on the hot path; validation would only cost time.
+        decision = Decision.model_construct(
             kind=kind,
             model=model if model is not None else (self.candidate.name if self.candidate else None),
             detail=detail,

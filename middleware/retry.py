@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from tenacity import (
     AsyncRetrying,
+    DoAttempt,
+    DoSleep,
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
@@ -67,6 +70,10 @@ class RetryPolicy:
     max_retry_after: float = 30.0
     retry_on: Callable[[BaseException], bool] = is_transient
 
+    def __post_init__(self) -> None:
+        if not self.max_retry_after >= 0:  # also refuses NaN
+            raise ValueError(f"max_retry_after must be >= 0 seconds, got {self.max_retry_after}")
+
 
 @dataclass(frozen=True)
 class Retry:
@@ -82,7 +89,19 @@ class Retry:
 
     async def __call__(self, call: Call, call_next: Next[R]) -> R:
         policy = self.per_route.get(call.route, self.policy)
+        # Happy path: one attempt, no tenacity machinery. On the first retryable failure, tenacity takes
+        # over with that failure as attempt 1, so stop/wait strategies see the same attempt numbers.
+        call.attempt = 1
+        started = call.clock.now()
+        try:
+            return await call_next(call)
+        except Exception as exc:
+            if not policy.retry_on(exc):
+                raise
+            first = exc
+        return await self._retry(call, call_next, policy, first, started)
 
+    async def _retry(self, call: Call, call_next: Next[R], policy: RetryPolicy, first: Exception, started: float) -> R:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             call.decide(
@@ -92,11 +111,6 @@ class Retry:
                 wait_s=round(state.upcoming_sleep, 3),
             )
 
-        async def attempt() -> R:
-            call.attempt += 1
-            return await call_next(call)
-
-        call.attempt = 0
         retrying = AsyncRetrying(
             stop=policy.stop | stop_at_deadline(call),
             wait=wait_retry_after(policy.wait, policy.max_retry_after),
@@ -105,4 +119,25 @@ class Retry:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return await retrying(attempt)
+        retrying.begin()
+        state = RetryCallState(retry_object=retrying, fn=None, args=(), kwargs={})
+        state.set_exception((type(first), first, first.__traceback__))
+        # tenacity times stop_after_delay & co. with time.monotonic; give it the call's clock, from attempt 1.
+        state.start_time, state.outcome_timestamp = started, call.clock.now()
+        # The loop of tenacity's own AsyncRetrying.__call__, entered after the first attempt.
+        while True:
+            action = await retrying.iter(retry_state=state)
+            if isinstance(action, DoAttempt):
+                call.attempt = state.attempt_number
+                try:
+                    result = await call_next(call)
+                except BaseException:
+                    state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+                else:
+                    state.set_result(result)
+                state.outcome_timestamp = call.clock.now()
+            elif isinstance(action, DoSleep):
+                state.prepare_for_next_attempt()
+                await call.clock.sleep(float(action))
+            else:
+                return cast("R", action)

@@ -31,15 +31,17 @@ class Timeout:
 
     def __post_init__(self) -> None:
         for name, seconds in {"per_attempt": self.per_attempt, **self.per_route}.items():
-            if seconds <= 0:
+            if not seconds > 0:  # also refuses NaN
                 raise ValueError(f"timeout {name!r} must be > 0 seconds, got {seconds}")
 
     async def __call__(self, call: Call, call_next: Next[R]) -> R:
         limit = self.per_route.get(call.route, self.per_attempt)
         remaining = call.remaining()
+        by_deadline = False
         if remaining is not None:
             if remaining <= 0:
                 raise DeadlineExceeded(call.timeout)
+            by_deadline = remaining < limit
             limit = min(limit, remaining)
         timer = asyncio.timeout(limit)
         try:
@@ -48,6 +50,8 @@ class Timeout:
         except TimeoutError as exc:
             if not timer.expired():  # a timeout raised below us, not ours: leave it as it is
                 raise
-            name = call.candidate.name if call.candidate else None
             call.decide("timeout", f"attempt cancelled after {limit:.3g}s", limit_s=round(limit, 3))
-            raise AttemptTimeout(name, limit) from exc
+            if by_deadline:
+                # The event ran out of time, not the model: don't count it against the candidate's breaker.
+                raise DeadlineExceeded(call.timeout) from exc
+            raise AttemptTimeout(call.candidate.name if call.candidate else None, limit) from exc

@@ -1,0 +1,90 @@
+"""Overhead of the reliability stack: full stack vs the bare agent call, in the same handler, in one run.
+
+Both sides run ``ClassifierService.handle`` (validate bytes → run → build the result envelope) with an
+instant FunctionModel agent and no faults. "full" goes through Route → Fallback → Retry →
+CircuitBreaker → Timeout; "bare" calls the agent terminal directly. Rounds alternate so that machine
+noise hits both sides alike. Usage: ``python -m bench.bench_stack [--events N] [--rounds R]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+
+from pydantic_ai import ToolOutput
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from contracts import TaskClassification
+from handlers.agent import AgentTerminal, ModelTarget
+from handlers.policy import Policy
+from handlers.service import Answered, ClassifierService, build_stack
+from handlers.settings import Settings
+from middleware import Call, Candidate, Stack
+
+
+async def instant(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    answer = {"category": "bug", "priority": 3, "confidence": 0.9, "summary": "instant"}
+    return ModelResponse(parts=[ToolCallPart(info.output_tools[0].name, answer)])
+
+
+def services() -> tuple[ClassifierService, ClassifierService]:
+    settings = Settings(nats_url="nats://127.0.0.1:1")
+    policy = Policy.model_validate(
+        {"models": [{"name": "fast", "model": "openai-chat:bench"}], "routes": {"default": {"models": ["fast"]}}}
+    )
+    candidate = Candidate("fast", ModelTarget(FunctionModel(instant), ToolOutput(TaskClassification), 1))
+    terminal = AgentTerminal()
+    full_stack, _ = build_stack(settings, policy, terminal=terminal, candidates={"fast": candidate})
+
+    async def bare_terminal(call: Call) -> TaskClassification:
+        call.candidate = candidate
+        result = await terminal(call)
+        call.served_by = candidate.name
+        return result
+
+    bare_stack: Stack[TaskClassification] = Stack([], bare_terminal)
+    return ClassifierService(settings, policy, stack=full_stack), ClassifierService(settings, policy, stack=bare_stack)
+
+
+async def throughput(service: ClassifierService, events: int, concurrency: int = 16) -> float:
+    payloads = [json.dumps({"id": f"b-{i}", "text": f"the app crashes {i}"}).encode() for i in range(events)]
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for payload in payloads:
+        queue.put_nowait(payload)
+
+    async def worker() -> None:
+        while not queue.empty():
+            outcome = await service.handle(queue.get_nowait(), subject="tasks.classify")
+            assert isinstance(outcome, Answered)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return events / (time.perf_counter() - started)
+
+
+async def main(events: int, rounds: int) -> None:
+    full, bare = services()
+    await throughput(full, 200)  # warm-up
+    await throughput(bare, 200)
+    full_rates, bare_rates = [], []
+    for _ in range(rounds):
+        bare_rates.append(await throughput(bare, events))
+        full_rates.append(await throughput(full, events))
+    full_rate, bare_rate = statistics.median(full_rates), statistics.median(bare_rates)
+    print(f"python {platform.python_version()} on {platform.machine()}, {events} events x {rounds} rounds")
+    print(f"bare agent call : {bare_rate:8.1f} events/s (median)")
+    print(f"full stack      : {full_rate:8.1f} events/s (median)")
+    print(f"ratio full/bare : {full_rate / bare_rate:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    asyncio.run(main(args.events, args.rounds))
