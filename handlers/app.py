@@ -7,6 +7,7 @@ or under FastStream's own CLI: ``faststream run handlers.app:app`` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -18,8 +19,11 @@ from faststream.specification import AsyncAPI
 from nats.js.api import ConsumerConfig, StorageType
 
 from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
-from handlers.service import Answered, ClassifierService, DeadLettered, Redeliver
+from handlers.connection import broker_security
+from handlers.results import InMemoryResultStore, KeyValueResultStore
+from handlers.service import Answered, ClassifierService, DeadLettered, Outcome, Redeliver
 from handlers.settings import Settings
+from middleware import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger("stanchion.app")
 
@@ -38,16 +42,42 @@ def delivery_count(msg: NatsMessage) -> int:
 
 
 def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
+    """The broker: reconnects forever after a server restart; auth and TLS from the settings."""
     return NatsBroker(
         url or settings.nats_url or DEFAULT_URL,
         name="stanchion",
+        security=broker_security(settings),
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
-        graceful_timeout=30.0,
+        graceful_timeout=settings.shutdown_grace_s,
         logger=logging.getLogger("stanchion.faststream"),
         log_level=logging.DEBUG,
     )
+
+
+class Pause:
+    """Backpressure shared by every handler of one app: while paused, nobody starts work or asks for more.
+
+    Held messages get ``in_progress`` so their ack wait restarts: waiting costs no delivery.
+    """
+
+    def __init__(self, ack_wait_s: float, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.until = 0.0
+        self.clock = clock
+        self.heartbeat_s = max(ack_wait_s / 3, 0.05)
+
+    def pause(self, seconds: float) -> None:
+        if seconds > 0:
+            until = self.clock.now() + seconds
+            if until > self.until:
+                log.warning("pausing consumption", seconds=round(seconds, 3))
+                self.until = until
+
+    async def wait(self, msg: NatsMessage) -> None:
+        while (left := self.until - self.clock.now()) > 0:
+            await msg.in_progress()
+            await self.clock.sleep(min(left, self.heartbeat_s))
 
 
 def create_app(
@@ -59,6 +89,11 @@ def create_app(
 ) -> FastStream:
     """Wire the service into a FastStream app on ``url`` (default ``settings.nats_url``)."""
     broker = broker or create_broker(settings, url)
+    if isinstance(service.results, InMemoryResultStore):
+        # Replicas share answered results through a KV bucket; the connection opens later, hence the lambda.
+        service.results = KeyValueResultStore(
+            lambda: broker.config.connection_state.stream, settings.result_bucket, settings.result_ttl_s
+        )
     results = broker.publisher(
         settings.output_subject,
         stream=JStream(
@@ -83,12 +118,20 @@ def create_app(
         title="dead-letters",
         description="Events the service could not answer, with their reason and payload.",
     )
+    pause = Pause(settings.ack_wait_s, service.clock)
 
     @broker.subscriber(
         settings.input_subject,
-        stream=JStream(settings.input_stream, subjects=[settings.input_subject], storage=StorageType.FILE),
+        stream=JStream(
+            settings.input_stream,
+            subjects=[settings.input_subject],
+            storage=StorageType.FILE,
+            max_age=settings.input_max_age_s,
+            max_msg_size=settings.max_payload_bytes * 4,
+        ),
         durable=settings.durable,
-        pull_sub=PullSub(batch_size=min(settings.max_in_flight, 64), timeout=1.0),
+        # Small fetches: messages fetched while every worker is busy (or paused) wait with their ack clock running.
+        pull_sub=PullSub(batch_size=min(settings.max_in_flight, 8), timeout=1.0),
         config=ConsumerConfig(
             max_deliver=settings.max_deliver,
             ack_wait=settings.ack_wait_s,
@@ -105,26 +148,26 @@ def create_app(
         delivery = delivery_count(msg)
         subject = msg.raw_message.subject or settings.input_subject
         try:
-            outcome = await service.handle(data, subject=subject, headers=msg.headers, delivery=delivery)
-            if isinstance(outcome, Answered):
-                envelope = outcome.envelope
-                await results.publish(
-                    envelope.model_dump_json().encode(),
-                    headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
-                )
-                await msg.ack()
-                log.info(
-                    "answered",
-                    event_id=envelope.event_id,
-                    model=envelope.model,
-                    degraded=envelope.degraded,
-                    attempts=envelope.attempts,
-                    latency_ms=envelope.latency_ms,
-                )
-            elif isinstance(outcome, DeadLettered):
-                await _dead_letter(dead_letters, outcome.dead, msg)
-            elif isinstance(outcome, Redeliver):
-                await msg.nack(delay=outcome.delay_s)
+            await pause.wait(msg)
+            held_since = service.clock.now()
+            while True:
+                outcome = await service.handle(data, subject=subject, headers=msg.headers, delivery=delivery)
+                if (
+                    isinstance(outcome, Redeliver)
+                    and outcome.pause_s is not None
+                    and service.clock.now() - held_since + outcome.pause_s <= settings.max_pause_s
+                ):
+                    # The failures said how long to wait: hold the message and stop pulling, don't spend a delivery.
+                    pause.pause(outcome.pause_s)
+                    await pause.wait(msg)
+                    continue
+                break
+            await _settle(outcome, msg, results, dead_letters)
+        except asyncio.CancelledError:
+            # Shutdown grace period ran out: hand the message back now rather than after the ack wait.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nack())
+            raise
         except Exception as exc:
             # Nothing was acked: the message comes back. On its last delivery, dead-letter it instead of losing it.
             log.exception("handling failed", delivery=delivery)
@@ -152,16 +195,37 @@ def create_app(
     )
 
 
+async def _settle(outcome: Outcome, msg: NatsMessage, results: Any, dead_letters: Any) -> None:
+    """Publish (confirmed by JetStream), then ack / term / nak."""
+    if isinstance(outcome, Answered):
+        envelope = outcome.envelope
+        await results.publish(
+            envelope.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
+        )
+        await msg.ack()
+        log.info(
+            "answered",
+            event_id=envelope.event_id,
+            model=envelope.model,
+            degraded=envelope.degraded,
+            attempts=envelope.attempts,
+            latency_ms=envelope.latency_ms,
+            stored=outcome.stored,
+        )
+    elif isinstance(outcome, DeadLettered):
+        await _dead_letter(dead_letters, outcome.dead, msg)
+    else:
+        await msg.nack(delay=outcome.delay_s)
+
+
 async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> None:
     seq = "x"
     with contextlib.suppress(Exception):
         seq = str(msg.raw_message.metadata.sequence.stream)
     await publisher.publish(
         dead.model_dump_json().encode(),
-        headers={
-            "Nats-Msg-Id": f"dead:{dead.event_id or 'unknown'}:{seq}",
-            "content-type": "application/json",
-        },
+        headers={"Nats-Msg-Id": f"dead:{dead.event_id or 'unknown'}:{seq}", "content-type": "application/json"},
     )
     await msg.reject()
     log.warning("dead-lettered", event_id=dead.event_id, error_type=dead.error_type, reason=dead.reason)

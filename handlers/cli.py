@@ -14,11 +14,13 @@ from typing import Annotated, Any
 
 import nats
 import typer
+from nats.aio.client import Client
 from nats.js.errors import NoStreamResponseError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from handlers.connection import connect_options
 from handlers.errors import ConfigError
 from handlers.logs import configure_logging
 from handlers.policy import Policy, resolve_policy
@@ -71,10 +73,21 @@ def nats_server(settings: Settings) -> Iterator[str]:
         server.stop()
 
 
-async def _check_nats(url: str) -> None:
+async def _connect(url: str, settings: Settings, **options: Any) -> Client:
+    try:
+        return await nats.connect(url, **connect_options(settings), **options)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+
+
+async def _check_nats(url: str, settings: Settings) -> None:
     """Fail fast, with a readable message, when the server is unreachable or refuses us."""
     try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0)
+        options = connect_options(settings)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+    try:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0, **options)
     except Exception as exc:
         raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {exc or type(exc).__name__}", 1) from None
     await nc.close()
@@ -99,8 +112,12 @@ def run() -> None:
     configure_logging(settings.log_level, settings.log_format, service.redact.secrets)
 
     async def serve(url: str) -> None:
-        await _check_nats(url)
-        await create_app(settings, service, url=url).run()
+        await _check_nats(url, settings)
+        try:
+            app = create_app(settings, service, url=url)
+        except ConfigError as exc:
+            raise _fail(f"configuration error: {exc}") from None
+        await app.run()
 
     with nats_server(settings) as url, contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(url))
@@ -119,7 +136,7 @@ def publish(
     if not settings.nats_url:
         raise _fail("configuration error: NATS_URL is not set: publish needs a running server")
     lines = [payload.encode()] if payload is not None else _read_lines(file)
-    asyncio.run(_publish(settings.nats_url, subject, lines))
+    asyncio.run(_publish(settings, settings.nats_url, subject, lines))
 
 
 def _read_lines(file: Path | None) -> list[bytes]:
@@ -130,9 +147,9 @@ def _read_lines(file: Path | None) -> list[bytes]:
         raise _fail(f"cannot read {str(file)!r}: {exc.strerror}", 1) from None
 
 
-async def _publish(url: str, subject: str, lines: list[bytes]) -> None:
-    await _check_nats(url)
-    nc = await nats.connect(url)
+async def _publish(settings: Settings, url: str, subject: str, lines: list[bytes]) -> None:
+    await _check_nats(url, settings)
+    nc = await _connect(url, settings)
     js = nc.jetstream()
     stored = 0
     try:
@@ -196,13 +213,13 @@ def demo(
 async def _demo(settings: Settings, service: Any, url: str, wait_s: float) -> bool:
     from handlers.app import create_app
 
-    await _check_nats(url)
+    await _check_nats(url, settings)
     app = create_app(settings, service, url=url)
     run_id = uuid.uuid4().hex[:8]
     ids = [f"demo-{run_id}-{i:02d}" for i in range(len(SAMPLES))]
     answers: dict[str, dict[str, Any]] = {}
     done = asyncio.Event()
-    nc = await nats.connect(url)
+    nc = await _connect(url, settings)
 
     async def collect(msg: Any) -> None:
         body = json.loads(msg.data)

@@ -22,6 +22,7 @@ from handlers.agent import AgentTerminal, build_candidates
 from handlers.heuristic import classify as heuristic_classify
 from handlers.policy import Policy
 from handlers.redact import Redactor
+from handlers.results import InMemoryResultStore, ResultStore
 from handlers.settings import Settings
 from middleware import (
     SYSTEM_CLOCK,
@@ -54,18 +55,30 @@ MAX_DEAD_PAYLOAD = 16 * 1024
 
 @dataclass(frozen=True)
 class Answered:
+    """Publish the result, then ack. ``stored``: answered before, taken from the result store, no model called."""
+
     envelope: ResultEnvelope[TaskClassification]
+    stored: bool = False
 
 
 @dataclass(frozen=True)
 class DeadLettered:
+    """Publish the dead letter, then term."""
+
     dead: DeadLetter
 
 
 @dataclass(frozen=True)
 class Redeliver:
+    """Nothing answered, but later may: nak with ``delay_s``.
+
+    ``pause_s`` is set when the failures said how long to wait (open circuits, ``Retry-After``): the
+    transport should stop pulling for that long and try again without spending a delivery.
+    """
+
     delay_s: float
     reason: str
+    pause_s: float | None = None
 
 
 Outcome = Answered | DeadLettered | Redeliver
@@ -103,6 +116,7 @@ def build_stack(
                 multiplier=route.retry.initial_s, max=route.retry.max_s, jitter=route.retry.jitter_s
             ),
             max_retry_after=route.retry.max_retry_after_s,
+            retry_redeliveries=settings.retry_redeliveries,
         )
         for name, route in policy.routes.items()
     }
@@ -156,10 +170,12 @@ class ClassifierService:
         *,
         stack: Stack[TaskClassification] | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        results: ResultStore | None = None,
     ) -> None:
         self.settings = settings
         self.policy = policy
         self.clock = clock
+        self.results: ResultStore = results or InMemoryResultStore()
         self.stack = stack or build_stack(settings, policy, clock=clock)[0]
         self.redact = Redactor(settings.secrets() + policy_secrets(policy))
         self.deadline_s = policy.deadline_s or settings.deadline_s
@@ -173,6 +189,9 @@ class ClassifierService:
         if isinstance(event_or_dead, DeadLetter):
             return DeadLettered(event_or_dead)
         event = event_or_dead
+        if (stored := await self.results.get(event.id)) is not None:
+            log.info("already answered; republishing the stored result", event_id=event.id, delivery=delivery)
+            return Answered(ResultEnvelope[TaskClassification].model_validate_json(stored), stored=True)
         call = Call(
             event=event,
             subject=subject,
@@ -198,6 +217,7 @@ class ClassifierService:
             cost_usd=call.cost_usd,
             decisions=[self._redacted(d) for d in call.decisions],
         )
+        await self.results.put(event.id, envelope.model_dump_json().encode())
         return Answered(envelope)
 
     def _redacted(self, decision: Decision) -> Decision:
@@ -306,15 +326,19 @@ class ClassifierService:
         event: TaskEvent = call.event
         if transient and delivery < self.settings.max_deliver:
             hint = exc.retry_after if isinstance(exc, AllCandidatesFailed) else None
-            delay = hint if hint is not None else min(2.0**delivery, 60.0)
+            backoff = self.settings.nak_backoff_s
+            delay = backoff[min(delivery, len(backoff)) - 1] if backoff else 0.0
+            if hint is not None:
+                delay = max(delay, hint)
             log.warning(
                 "every candidate failed; redelivering later",
                 event_id=event.id,
                 delivery=delivery,
                 delay_s=delay,
+                pause_s=hint,
                 error=self.redact(describe(exc)),
             )
-            return Redeliver(delay, self.redact(describe(exc)))
+            return Redeliver(delay, self.redact(describe(exc)), pause_s=hint)
         error_type = "exhausted" if transient else "failed"
         reason = (
             f"every candidate failed after {delivery} deliveries" if transient else "every candidate failed permanently"

@@ -21,6 +21,13 @@ _STANDARD_NAMES = {
     "anthropic_api_key": "ANTHROPIC_API_KEY",
     "ollama_base_url": "OLLAMA_BASE_URL",
     "otel_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "nats_token": "NATS_TOKEN",
+    "nats_user": "NATS_USER",
+    "nats_password": "NATS_PASSWORD",
+    "nats_creds": "NATS_CREDS",
+    "nats_ca": "NATS_CA",
+    "nats_cert": "NATS_CERT",
+    "nats_key": "NATS_KEY",
 }
 
 
@@ -47,6 +54,14 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = Field(default=None, validation_alias=_std("anthropic_api_key"))
     ollama_base_url: str = Field(default="http://localhost:11434/v1", validation_alias=_std("ollama_base_url"))
     otel_endpoint: str | None = Field(default=None, validation_alias=_std("otel_endpoint"))
+    # NATS connection security, under the names the nats CLI uses.
+    nats_token: SecretStr | None = Field(default=None, validation_alias=_std("nats_token"))
+    nats_user: str | None = Field(default=None, validation_alias=_std("nats_user"))
+    nats_password: SecretStr | None = Field(default=None, validation_alias=_std("nats_password"))
+    nats_creds: Path | None = Field(default=None, validation_alias=_std("nats_creds"))
+    nats_ca: Path | None = Field(default=None, validation_alias=_std("nats_ca"))
+    nats_cert: Path | None = Field(default=None, validation_alias=_std("nats_cert"))
+    nats_key: Path | None = Field(default=None, validation_alias=_std("nats_key"))
 
     # STANCHION_*
     policy: Path | None = None
@@ -66,6 +81,13 @@ class Settings(BaseSettings):
     output_retries: int = Field(default=1, ge=0, le=10)
     max_payload_bytes: int = Field(default=64 * 1024, ge=256)
     dedup_window_s: float = Field(default=120.0, gt=0)
+    nak_backoff_s: tuple[float, ...] = (2.0, 10.0, 30.0, 60.0)
+    result_bucket: str = "stanchion_results"
+    result_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    max_pause_s: float = Field(default=60.0, gt=0)
+    input_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    retry_redeliveries: bool = False
+    shutdown_grace_s: float = Field(default=30.0, gt=0)
     nats_server_bin: Path | None = None
     nats_store_dir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -78,6 +100,13 @@ class Settings(BaseSettings):
             raise ValueError(f"policy file {str(value)!r} does not exist")
         return value
 
+    @field_validator("nats_creds", "nats_ca", "nats_cert", "nats_key")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
     @field_validator("nats_url", "openai_base_url", "otel_endpoint", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -85,7 +114,8 @@ class Settings(BaseSettings):
 
     def secrets(self) -> list[str]:
         """Every secret value known to the settings, for redaction."""
-        return [s.get_secret_value() for s in (self.openai_api_key, self.anthropic_api_key) if s is not None]
+        secrets = (self.openai_api_key, self.anthropic_api_key, self.nats_token, self.nats_password)
+        return [s.get_secret_value() for s in secrets if s is not None]
 
 
 def env_name(field_name: str) -> str:
@@ -102,5 +132,6 @@ def load_settings() -> Settings:
         loc = str(first["loc"][0]) if first["loc"] else "?"
         name = loc if loc.isupper() else env_name(loc)
         message = first["msg"].removeprefix("Value error, ")
-        shown = "" if "KEY" in name or first["type"] == "value_error" else f" (got {first.get('input')!r})"
+        secret = any(word in name for word in ("KEY", "TOKEN", "PASSWORD"))
+        shown = "" if secret or first["type"] == "value_error" else f" (got {first.get('input')!r})"
         raise ConfigError(f"{name}: {message}{shown}") from None

@@ -1,0 +1,78 @@
+"""Where answered events' results are kept, so a redelivered event is never sent to a model again."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from typing import Protocol
+
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+
+class ResultStore(Protocol):
+    """Result envelopes by event id."""
+
+    async def get(self, event_id: str) -> bytes | None: ...
+
+    async def put(self, event_id: str, envelope: bytes) -> None: ...
+
+
+class InMemoryResultStore:
+    """For one process, in tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, bytes] = {}
+
+    async def get(self, event_id: str) -> bytes | None:
+        return self.items.get(event_id)
+
+    async def put(self, event_id: str, envelope: bytes) -> None:
+        self.items[event_id] = envelope
+
+
+def result_key(event_id: str) -> str:
+    """KV keys allow only ``[-/_=.a-zA-Z0-9]``; event ids may hold anything, so key by their hash."""
+    return hashlib.sha256(event_id.encode()).hexdigest()
+
+
+class KeyValueResultStore:
+    """A NATS KV bucket with a TTL, shared by every replica. Created on first use.
+
+    Args:
+        js: Gives the JetStream context; called on first use, since the broker connects after the app is built.
+        bucket: Bucket name.
+        ttl_s: How long results are kept.
+    """
+
+    def __init__(self, js: Callable[[], JetStreamContext], bucket: str, ttl_s: float) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.ttl_s = ttl_s
+        self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            async with self._lock:
+                if self._kv is None:
+                    js = self.js()
+                    try:
+                        self._kv = await js.key_value(self.bucket)
+                    except BucketNotFoundError:
+                        self._kv = await js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
+        return self._kv
+
+    async def get(self, event_id: str) -> bytes | None:
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(result_key(event_id))
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    async def put(self, event_id: str, envelope: bytes) -> None:
+        kv = await self._bucket()
+        await kv.put(result_key(event_id), envelope)
