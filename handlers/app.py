@@ -28,6 +28,7 @@ from middleware import SYSTEM_CLOCK, Clock
 log = structlog.get_logger("stanchion.app")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
+MIN_PAUSE_S = 0.2
 
 
 async def raw_body(msg: NatsMessage) -> bytes:
@@ -158,11 +159,12 @@ def create_app(
                     and service.clock.now() - held_since + outcome.pause_s <= settings.max_pause_s
                 ):
                     # The failures said how long to wait: hold the message and stop pulling, don't spend a delivery.
-                    pause.pause(outcome.pause_s)
+                    # (At least MIN_PAUSE_S: a half-open breaker with its probe in flight says "now".)
+                    pause.pause(max(outcome.pause_s, MIN_PAUSE_S))
                     await pause.wait(msg)
                     continue
                 break
-            await _settle(outcome, msg, results, dead_letters)
+            await _settle(outcome, msg, service, results, dead_letters)
         except asyncio.CancelledError:
             # Shutdown grace period ran out: hand the message back now rather than after the ack wait.
             with contextlib.suppress(Exception):
@@ -195,14 +197,18 @@ def create_app(
     )
 
 
-async def _settle(outcome: Outcome, msg: NatsMessage, results: Any, dead_letters: Any) -> None:
+async def _settle(
+    outcome: Outcome, msg: NatsMessage, service: ClassifierService, results: Any, dead_letters: Any
+) -> None:
     """Publish (confirmed by JetStream), then ack / term / nak."""
     if isinstance(outcome, Answered):
         envelope = outcome.envelope
-        await results.publish(
-            envelope.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
-        )
+        if not outcome.published:
+            await results.publish(
+                envelope.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
+            )
+            await service.published(envelope)
         await msg.ack()
         log.info(
             "answered",

@@ -9,13 +9,14 @@ import statistics
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import nats
 import typer
 from nats.aio.client import Client
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -278,6 +279,105 @@ def _print_results(ids: list[str], answers: dict[str, dict[str, Any]], elapsed: 
         f"{len(answers) - answered} dead letters, {len(ids) - len(answers)} missing; "
         f"latency p50 {p50:.0f} ms, p95 {p95:.0f} ms; {elapsed:.1f} s in all"
     )
+
+
+dlq = typer.Typer(help="Dead letters: list them, replay them.", no_args_is_help=True)
+cli.add_typer(dlq, name="dlq")
+
+
+def _require_nats(settings: Settings) -> str:
+    if not settings.nats_url:
+        raise _fail("configuration error: NATS_URL is not set: the dead-letter tools need a running server")
+    return settings.nats_url
+
+
+@dlq.command("list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(help="Show at most this many, newest last.")] = 100,
+) -> None:
+    """Table of the dead letters in the dead-letter stream: reason, subject, deliveries, age."""
+    settings, _ = _configure()
+    asyncio.run(_dlq_list(settings, _require_nats(settings), limit))
+
+
+async def _dlq_list(settings: Settings, url: str, limit: int) -> None:
+    from handlers.dlq import dead_letters
+
+    await _check_nats(url, settings)
+    nc = await _connect(url, settings)
+    try:
+        letters = [letter async for letter in dead_letters(nc.jetstream(), settings.dlq_stream)]
+    except NotFoundError:
+        letters = []
+    finally:
+        await nc.close()
+    shown = letters[-limit:]
+    table = Table(title=f"dead letters in {settings.dlq_stream}: {len(letters)}")
+    for column in ("seq", "event id", "error", "reason", "subject", "deliveries", "age"):
+        table.add_column(column, overflow="fold")
+    now = datetime.now(UTC)
+    for letter in shown:
+        dead = letter.dead
+        table.add_row(
+            str(letter.seq),
+            dead.event_id or "-",
+            dead.error_type,
+            dead.reason,
+            dead.subject,
+            str(dead.deliveries),
+            _age(now - dead.dead_at),
+        )
+    out.print(table)
+
+
+def _age(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dlq.command("replay")
+def dlq_replay(
+    event_id: Annotated[str | None, typer.Option("--id", help="Replay the dead letters of this event id.")] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+) -> None:
+    """Republish dead letters to their original subject (they keep their id) and remove them from the stream."""
+    if (event_id is None) == (not replay_all):
+        raise _fail("give either --id ID or --all")
+    settings, _ = _configure()
+    replayed = asyncio.run(_dlq_replay(settings, _require_nats(settings), event_id))
+    if event_id is not None and replayed == 0:
+        raise _fail(f"no replayable dead letter with id {event_id!r}", 1)
+
+
+async def _dlq_replay(settings: Settings, url: str, event_id: str | None) -> int:
+    from handlers.dlq import dead_letters, replay
+
+    await _check_nats(url, settings)
+    nc = await _connect(url, settings)
+    js = nc.jetstream()
+    replayed = skipped = 0
+    try:
+        letters = [
+            letter
+            async for letter in dead_letters(js, settings.dlq_stream)
+            if event_id is None or letter.dead.event_id == event_id
+        ]
+        for letter in letters:
+            try:
+                await replay(js, settings.dlq_stream, letter)
+                replayed += 1
+            except ValueError as exc:
+                err.print(f"skipped: {exc}", markup=False)
+                skipped += 1
+    except NotFoundError:
+        pass
+    finally:
+        await nc.close()
+    out.print(f"replayed {replayed} dead letter(s)" + (f", skipped {skipped}" if skipped else ""))
+    return replayed
 
 
 if __name__ == "__main__":  # pragma: no cover

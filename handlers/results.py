@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from nats.js import JetStreamContext
@@ -12,25 +13,34 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 
+@dataclass(frozen=True)
+class StoredResult:
+    """A result envelope, and whether its publication was confirmed."""
+
+    envelope: bytes
+    published: bool
+
+
 class ResultStore(Protocol):
-    """Result envelopes by event id."""
+    """Result envelopes by event id. Stored before publishing, marked published after the stream confirmed it:
+    a redelivery then knows whether to republish (crash in between) or only to ack."""
 
-    async def get(self, event_id: str) -> bytes | None: ...
+    async def get(self, event_id: str) -> StoredResult | None: ...
 
-    async def put(self, event_id: str, envelope: bytes) -> None: ...
+    async def put(self, event_id: str, result: StoredResult) -> None: ...
 
 
 class InMemoryResultStore:
     """For one process, in tests and benchmarks."""
 
     def __init__(self) -> None:
-        self.items: dict[str, bytes] = {}
+        self.items: dict[str, StoredResult] = {}
 
-    async def get(self, event_id: str) -> bytes | None:
+    async def get(self, event_id: str) -> StoredResult | None:
         return self.items.get(event_id)
 
-    async def put(self, event_id: str, envelope: bytes) -> None:
-        self.items[event_id] = envelope
+    async def put(self, event_id: str, result: StoredResult) -> None:
+        self.items[event_id] = result
 
 
 def result_key(event_id: str) -> str:
@@ -65,14 +75,15 @@ class KeyValueResultStore:
                         self._kv = await js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
         return self._kv
 
-    async def get(self, event_id: str) -> bytes | None:
+    async def get(self, event_id: str) -> StoredResult | None:
         kv = await self._bucket()
         try:
             entry = await kv.get(result_key(event_id))
         except KeyNotFoundError:
             return None
-        return entry.value
+        value = entry.value or b""
+        return StoredResult(envelope=value[1:], published=value[:1] == b"P")
 
-    async def put(self, event_id: str, envelope: bytes) -> None:
+    async def put(self, event_id: str, result: StoredResult) -> None:
         kv = await self._bucket()
-        await kv.put(result_key(event_id), envelope)
+        await kv.put(result_key(event_id), (b"P" if result.published else b"S") + result.envelope)

@@ -22,7 +22,7 @@ from handlers.agent import AgentTerminal, build_candidates
 from handlers.heuristic import classify as heuristic_classify
 from handlers.policy import Policy
 from handlers.redact import Redactor
-from handlers.results import InMemoryResultStore, ResultStore
+from handlers.results import InMemoryResultStore, ResultStore, StoredResult
 from handlers.settings import Settings
 from middleware import (
     SYSTEM_CLOCK,
@@ -55,10 +55,15 @@ MAX_DEAD_PAYLOAD = 16 * 1024
 
 @dataclass(frozen=True)
 class Answered:
-    """Publish the result, then ack. ``stored``: answered before, taken from the result store, no model called."""
+    """Publish the result, then ack.
+
+    ``stored``: answered before, taken from the result store, no model called; ``published``: and its
+    publication was confirmed, so only the ack is left to do.
+    """
 
     envelope: ResultEnvelope[TaskClassification]
     stored: bool = False
+    published: bool = False
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ class ClassifierService:
         policy: Policy,
         *,
         stack: Stack[TaskClassification] | None = None,
+        breaker: CircuitBreaker | None = None,
         clock: Clock = SYSTEM_CLOCK,
         results: ResultStore | None = None,
     ) -> None:
@@ -176,7 +182,10 @@ class ClassifierService:
         self.policy = policy
         self.clock = clock
         self.results: ResultStore = results or InMemoryResultStore()
-        self.stack = stack or build_stack(settings, policy, clock=clock)[0]
+        if stack is None:
+            stack, breaker = build_stack(settings, policy, clock=clock)
+        self.stack = stack
+        self.breaker = breaker
         self.redact = Redactor(settings.secrets() + policy_secrets(policy))
         self.deadline_s = policy.deadline_s or settings.deadline_s
 
@@ -190,8 +199,11 @@ class ClassifierService:
             return DeadLettered(event_or_dead)
         event = event_or_dead
         if (stored := await self.results.get(event.id)) is not None:
-            log.info("already answered; republishing the stored result", event_id=event.id, delivery=delivery)
-            return Answered(ResultEnvelope[TaskClassification].model_validate_json(stored), stored=True)
+            log.info(
+                "already answered; no model call", event_id=event.id, delivery=delivery, published=stored.published
+            )
+            envelope = ResultEnvelope[TaskClassification].model_validate_json(stored.envelope)
+            return Answered(envelope, stored=True, published=stored.published)
         call = Call(
             event=event,
             subject=subject,
@@ -205,7 +217,7 @@ class ClassifierService:
         try:
             output = await self.stack(call)
         except (AllCandidatesFailed, NoCandidates) as exc:
-            return self._failed(exc, call, data, subject, delivery)
+            return await self._failed(exc, call, data, subject, delivery)
         envelope = ResultEnvelope[TaskClassification](
             event_id=event.id,
             result=output,
@@ -217,8 +229,21 @@ class ClassifierService:
             cost_usd=call.cost_usd,
             decisions=[self._redacted(d) for d in call.decisions],
         )
-        await self.results.put(event.id, envelope.model_dump_json().encode())
+        await self.results.put(event.id, StoredResult(envelope.model_dump_json().encode(), published=False))
         return Answered(envelope)
+
+    async def published(self, envelope: ResultEnvelope[TaskClassification]) -> None:
+        """Record that the output stream confirmed this result: a redelivery will only ack."""
+        await self.results.put(envelope.event_id, StoredResult(envelope.model_dump_json().encode(), published=True))
+
+    async def _all_circuits_open_for(self, candidates: list[str]) -> float | None:
+        """When every candidate tried now has an open circuit: how long until the first may be tried again."""
+        if self.breaker is None or not candidates:
+            return None
+        waits = [await self.breaker.rejecting_for(name) for name in set(candidates)]
+        if any(wait is None for wait in waits):
+            return None
+        return min(min(w for w in waits if w is not None), self.settings.max_pause_s)
 
     def _redacted(self, decision: Decision) -> Decision:
         detail = self.redact(decision.detail)
@@ -256,6 +281,11 @@ class ClassifierService:
                 "poison.json",
                 f"payload is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
             )
+        except (RecursionError, ValueError) as exc:  # nesting too deep for the parser, or numbers too long
+            reason = (
+                "payload is nested too deeply" if isinstance(exc, RecursionError) else f"payload is not JSON: {exc}"
+            )
+            return self._poison(data, subject, delivery, "poison.json", reason)
         try:
             return TaskEvent.model_validate(raw)
         except ValidationError as exc:
@@ -320,12 +350,14 @@ class ClassifierService:
             data, subject=subject, error_type=error_type, reason=reason, event_id=event_id, delivery=delivery
         )
 
-    def _failed(self, exc: Exception, call: Call, data: bytes, subject: str, delivery: int) -> Outcome:
+    async def _failed(self, exc: Exception, call: Call, data: bytes, subject: str, delivery: int) -> Outcome:
         causes = list(exc.exceptions) if isinstance(exc, AllCandidatesFailed) else [exc]
         transient = isinstance(exc, AllCandidatesFailed) and exc.transient
         event: TaskEvent = call.event
         if transient and delivery < self.settings.max_deliver:
             hint = exc.retry_after if isinstance(exc, AllCandidatesFailed) else None
+            if hint is None:
+                hint = await self._all_circuits_open_for(call.models_tried)
             backoff = self.settings.nak_backoff_s
             delay = backoff[min(delivery, len(backoff)) - 1] if backoff else 0.0
             if hint is not None:

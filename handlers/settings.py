@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from handlers.errors import ConfigError
@@ -112,6 +112,17 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @model_validator(mode="after")
+    def _pause_below_ack_wait(self) -> Settings:
+        # A held message is kept alive with in_progress, but messages fetched and queued behind it are not:
+        # a pause must end before their ack wait does, or they come back as redeliveries.
+        if self.max_pause_s >= self.ack_wait_s:
+            raise ValueError(
+                f"STANCHION_MAX_PAUSE_S ({self.max_pause_s:g}) must be less than "
+                f"STANCHION_ACK_WAIT_S ({self.ack_wait_s:g})"
+            )
+        return self
+
     def secrets(self) -> list[str]:
         """Every secret value known to the settings, for redaction."""
         secrets = (self.openai_api_key, self.anthropic_api_key, self.nats_token, self.nats_password)
@@ -129,9 +140,9 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        loc = str(first["loc"][0]) if first["loc"] else "?"
-        name = loc if loc.isupper() else env_name(loc)
+        loc = str(first["loc"][0]) if first["loc"] else ""
+        name = loc if loc.isupper() or not loc else env_name(loc)
         message = first["msg"].removeprefix("Value error, ")
         secret = any(word in name for word in ("KEY", "TOKEN", "PASSWORD"))
         shown = "" if secret or first["type"] == "value_error" else f" (got {first.get('input')!r})"
-        raise ConfigError(f"{name}: {message}{shown}") from None
+        raise ConfigError(f"{name}: {message}{shown}" if name else f"{message}{shown}") from None

@@ -97,6 +97,18 @@ class CircuitBreaker:
             await self._record(call, key, policy, probe, failed=False, released=False)
         return result
 
+    async def rejecting_for(self, key: str) -> float | None:
+        """Seconds until ``key`` may admit a call again while it rejects (0 when half-open, ``inf`` when forced
+        open); ``None`` when it admits calls now."""
+        rec = await self.store.get(key)
+        if rec.state is BreakerState.FORCED_OPEN:
+            return float("inf")
+        if rec.state is BreakerState.HALF_OPEN:
+            return 0.0
+        if rec.state is BreakerState.OPEN:
+            return max(0.0, _retry_in(rec, self.per_candidate.get(key, self.policy), self.clock.now()))
+        return None
+
     async def state(self, key: str) -> BreakerState:
         """The current state of one breaker."""
         return (await self.store.get(key)).state

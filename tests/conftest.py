@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
 
 from handlers.app import create_app
 from handlers.embedded import EmbeddedNats
@@ -64,6 +66,7 @@ def unique_settings(nats_url: str, **overrides: Any) -> Settings:
         "output_stream": f"T{n}_RESULTS",
         "dlq_stream": f"T{n}_DLQ",
         "durable": f"t{n}-classifier",
+        "result_bucket": f"t{n}_results",
     }
     return Settings(nats_url=nats_url, **{**names, **overrides})
 
@@ -143,3 +146,30 @@ def policy_for(
     ]
     default = {"models": [name for name, _ in servers], "heuristic": heuristic, **route}
     return Policy.model_validate({"models": models, "routes": {"default": default}, "breaker": breaker or {}})
+
+
+async def read_stream(client: Client, stream: str) -> list[dict[str, Any]]:
+    """Every message stored in a JetStream stream, decoded, oldest first: what a consumer of it would see."""
+    js = client.jetstream()
+    items: list[dict[str, Any]] = []
+    seq = 1
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq, next=True)
+        except NotFoundError:
+            return items
+        items.append(json.loads(msg.data or b"{}"))
+        seq = (msg.seq or seq) + 1
+
+
+def assert_each_accounted_once(ids: list[str], results: list[dict[str, Any]], dead: list[dict[str, Any]]) -> None:
+    """Every input event has exactly one result envelope or one dead letter; no event has two results."""
+    result_counts = Counter(r["event_id"] for r in results)
+    dead_counts = Counter(d.get("event_id") for d in dead)
+    duplicated = sorted(i for i, n in result_counts.items() if n > 1)
+    assert duplicated == [], f"events with more than one result: {duplicated[:10]}"
+    lost = sorted(i for i in ids if result_counts[i] + dead_counts[i] == 0)
+    assert lost == [], f"{len(lost)} events lost: {lost[:10]}"
+    twice = sorted(i for i in ids if result_counts[i] + dead_counts[i] > 1)
+    assert twice == [], f"events both answered and dead-lettered: {twice[:10]}"
+    assert set(result_counts) | {i for i in dead_counts if i is not None} <= set(ids)

@@ -40,6 +40,7 @@ class FakeOpenAI:
 
     retry_after: float = 1.0
     slow_s: float = 5.0
+    latency_s: float = 0.0
     always: Fault = "ok"
     fault_rate: float = 0.0
     faults: tuple[Fault, ...] = FAULTS
@@ -137,6 +138,11 @@ class FakeOpenAI:
             self.requests.append(Recorded(time.monotonic(), fault, str(body.get("model", "")), body))
             return fault
 
+    def requests_mentioning(self, text: str, after: float = 0.0) -> int:
+        """How many requests since ``after`` (monotonic) had ``text`` in their messages."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.at >= after and text in json.dumps(r.body.get("messages", [])))
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
@@ -163,6 +169,8 @@ class FakeOpenAI:
             return True
         body = json.loads(raw or b"{}")
         fault = self._next_fault(body)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         if fault == "reset":
             writer.transport.abort()
             return False

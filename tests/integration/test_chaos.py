@@ -1,0 +1,256 @@
+"""Chaos: provider faults, a killed nats-server, a killed service, a provider outage. Nothing lost, nothing twice.
+
+Each test accounts for every input event exactly once — one result envelope or one dead letter — as a
+consumer of the output streams would see them, and checks that no event id has two results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+
+from handlers.embedded import EmbeddedNats, free_port
+from tests.conftest import (
+    Collector,
+    assert_each_accounted_once,
+    policy_for,
+    read_stream,
+    running_service,
+    unique_settings,
+)
+from tests.fake_openai import FakeOpenAI
+from tests.integration.test_cli import STANCHION, clean_env
+
+
+async def publish_all(client: Client, subject: str, ids: list[str]) -> None:
+    js = client.jetstream()
+    for event_id in ids:
+        await js.publish(subject, json.dumps({"id": event_id, "text": f"checkout crashes ({event_id})"}).encode())
+
+
+async def test_2000_events_with_30_percent_provider_faults_lose_nothing(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """2,000 events, 30 % injected faults of every kind on both candidates: 0 lost, 0 duplicate results."""
+    primary = fake_openai(fault_rate=0.3, seed=7, retry_after=0.2, slow_s=3.0)
+    backup = fake_openai(fault_rate=0.3, seed=11, retry_after=0.2, slow_s=3.0)
+    policy = policy_for(
+        ("primary", primary),
+        ("backup", backup),
+        retry={"attempts": 3, "initial_s": 0.02, "max_s": 0.2, "jitter_s": 0.02, "max_retry_after_s": 0.5},
+        timeout={"attempt_s": 0.5},
+        breaker={"consecutive_failures": 8, "failure_rate": 0.9, "open_s": 0.5},
+    )
+    ids = [f"chaos-{i}" for i in range(2000)]
+    async with running_service(nats_server.url, policy, max_in_flight=64) as svc:
+        await publish_all(svc.client, svc.settings.input_subject, ids)
+        await svc.collector.wait_for(results=2000, timeout=240)
+        results = await read_stream(svc.client, svc.settings.output_stream)
+        dead = await read_stream(svc.client, svc.settings.dlq_stream)
+    assert_each_accounted_once(ids, results, dead)
+    assert_each_accounted_once(ids, svc.collector.results, svc.collector.dead)
+    faults = {r.fault for r in primary.requests + backup.requests}
+    assert {"429", "500", "503", "slow", "reset", "malformed", "invalid"} <= faults
+    served = {r["model"] for r in results}
+    assert {"primary", "backup"} <= served
+
+
+async def test_nats_server_killed_mid_stream_and_restarted(
+    fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """nats-server SIGKILLed mid-stream and restarted on its store: 0 lost, 0 duplicates, resumes within 5 s."""
+    port = free_port()
+    server = EmbeddedNats(store_dir=tmp_path / "store", port=port)
+    server.start()
+    provider = fake_openai(latency_s=0.02)
+    ids = [f"restart-{i}" for i in range(300)]
+    try:
+        async with running_service(
+            server.url, policy_for(("primary", provider)), max_in_flight=8, ack_wait_s=3.0, max_pause_s=2.0
+        ) as svc:
+            await publish_all(svc.client, svc.settings.input_subject, ids)
+            await svc.collector.wait_for(results=60, timeout=60)
+            server.kill()
+            await asyncio.sleep(1.0)
+            server.start()
+            restarted = time.monotonic()
+            seen = len(svc.collector.results)
+            async with asyncio.timeout(30):
+                while len(svc.collector.results) <= seen:
+                    await asyncio.sleep(0.05)
+            resumed_after = time.monotonic() - restarted
+            async with asyncio.timeout(120):
+                while len({r["event_id"] for r in await read_stream(svc.client, svc.settings.output_stream)}) < 300:
+                    await asyncio.sleep(0.5)
+            results = await read_stream(svc.client, svc.settings.output_stream)
+            dead = await read_stream(svc.client, svc.settings.dlq_stream)
+    finally:
+        server.stop()
+    assert resumed_after < 5.0
+    assert_each_accounted_once(ids, results, dead)
+    assert dead == []
+
+
+async def test_service_killed_mid_stream_and_restarted(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """The service SIGKILLed mid-stream and started again: 0 lost, 0 duplicates, and events answered before
+    the kill are never sent to a model again."""
+    provider = fake_openai(latency_s=0.03)
+    settings = unique_settings(nats_server.url)
+    env = clean_env(
+        NATS_URL=nats_server.url,
+        OPENAI_API_KEY="sk-test-kill",
+        OPENAI_BASE_URL=provider.base_url,
+        STANCHION_INPUT_SUBJECT=settings.input_subject,
+        STANCHION_OUTPUT_SUBJECT=settings.output_subject,
+        STANCHION_DLQ_SUBJECT=settings.dlq_subject,
+        STANCHION_INPUT_STREAM=settings.input_stream,
+        STANCHION_OUTPUT_STREAM=settings.output_stream,
+        STANCHION_DLQ_STREAM=settings.dlq_stream,
+        STANCHION_DURABLE=settings.durable,
+        STANCHION_RESULT_BUCKET=settings.result_bucket,
+        STANCHION_ACK_WAIT_S="2",
+        STANCHION_MAX_PAUSE_S="1",
+        STANCHION_MAX_IN_FLIGHT="8",
+    )
+    ids = [f"kill-{i}" for i in range(200)]
+    client = await nats.connect(nats_server.url)
+    collector = Collector()
+    await client.subscribe(settings.output_subject, cb=collector.on_result)
+    log = open(tmp_path / "service.log", "ab")  # noqa: SIM115 - shared by both service processes
+    first = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        js = client.jetstream()
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await js.consumer_info(settings.input_stream, settings.durable)
+                    break
+                except NotFoundError:
+                    await asyncio.sleep(0.1)
+        await publish_all(client, settings.input_subject, ids)
+        await collector.wait_for(results=50, timeout=60)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+        answered_before = {r["event_id"] for r in await read_stream(client, settings.output_stream)}
+        restarted = time.monotonic()
+        second = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        async with asyncio.timeout(120):
+            while len({r["event_id"] for r in await read_stream(client, settings.output_stream)}) < len(ids):
+                await asyncio.sleep(0.5)
+        results = await read_stream(client, settings.output_stream)
+        dead = await read_stream(client, settings.dlq_stream)
+    finally:
+        await client.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+        log.close()
+    assert_each_accounted_once(ids, results, dead)
+    assert 50 <= len(answered_before) < len(ids)
+    asked_again = [i for i in answered_before if provider.requests_mentioning(f"({i})", after=restarted)]
+    assert asked_again == []
+
+
+async def test_provider_outage_without_heuristic_pauses_instead_of_burning_deliveries(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """No heuristic, provider down: once the circuit is open, deliveries stop climbing (only the failures that
+    tripped it were redelivered); when the provider is back every event is answered, none dead-lettered."""
+    provider = fake_openai(always="503")
+    threshold = 2
+    policy = policy_for(
+        ("primary", provider),
+        heuristic=False,
+        retry={"attempts": 1},
+        breaker={"consecutive_failures": threshold, "open_s": 0.5},
+    )
+    ids = [f"outage-{i}" for i in range(10)]
+    async with running_service(
+        nats_server.url, policy, max_in_flight=4, ack_wait_s=10.0, max_pause_s=8.0, max_deliver=3
+    ) as svc:
+        js = svc.client.jetstream()
+        await publish_all(svc.client, svc.settings.input_subject, ids)
+        await asyncio.sleep(2.5)  # the circuit opened at once; nak delays (2 s) have run out
+        early = await js.consumer_info(svc.settings.input_stream, svc.settings.durable)
+        await asyncio.sleep(2.5)  # five more open periods: a nak-and-redeliver loop would dead-letter everything
+        late = await js.consumer_info(svc.settings.input_stream, svc.settings.durable)
+        calls_during_outage = provider.count
+        provider.set(always="ok")
+        await svc.collector.wait_for(results=10, timeout=30)
+        results = await read_stream(svc.client, svc.settings.output_stream)
+        dead = await read_stream(svc.client, svc.settings.dlq_stream)
+    assert early.num_redelivered <= threshold
+    assert late.num_redelivered == early.num_redelivered
+    assert calls_during_outage <= threshold + 10 + 2  # the trip, then about one probe per open period
+    assert svc.collector.dead == []
+    assert dead == []
+    assert_each_accounted_once(ids, results, dead)
+    assert {r["model"] for r in results} == {"primary"}
+
+
+@pytest.mark.parametrize("replay_how", ["--id", "--all"])
+async def test_dlq_list_and_replay_on_a_real_server(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path, replay_how: str
+) -> None:
+    """`stanchion dlq list` shows the dead letter; `stanchion dlq replay` republishes it once it can be
+    answered, and it gets exactly one result."""
+    provider = fake_openai(always="401")
+    policy = policy_for(("primary", provider), heuristic=False)
+    async with running_service(nats_server.url, policy) as svc:
+        await svc.publish({"id": "dlq-1", "text": "cannot log in"})
+        await svc.collector.wait_for(dead=1)
+        settings = svc.settings
+        env = clean_env(
+            NATS_URL=nats_server.url,
+            STANCHION_DLQ_STREAM=settings.dlq_stream,
+            STANCHION_INPUT_SUBJECT=settings.input_subject,
+            COLUMNS="200",
+        )
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [STANCHION, "dlq", "list"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert "dlq-1" in listed.stdout and "failed" in listed.stdout and settings.input_subject in listed.stdout
+
+        provider.set(always="ok")
+        args = ["--id", "dlq-1"] if replay_how == "--id" else ["--all"]
+        replayed = await asyncio.to_thread(
+            subprocess.run,
+            [STANCHION, "dlq", "replay", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert replayed.returncode == 0, replayed.stderr
+        assert "replayed 1" in replayed.stdout
+        await svc.collector.wait_for(results=1)
+        await asyncio.sleep(0.5)
+        results = await read_stream(svc.client, settings.output_stream)
+        dead = await read_stream(svc.client, settings.dlq_stream)
+    assert [r["event_id"] for r in svc.collector.results] == ["dlq-1"]
+    assert [r["event_id"] for r in results] == ["dlq-1"]
+    assert dead == []  # the replayed dead letter left the stream
+    assert provider.count == 2
