@@ -16,7 +16,7 @@ import structlog
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.specification import AsyncAPI
-from nats.js.api import ConsumerConfig, StorageType
+from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
 
 from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
 from handlers.connection import broker_security
@@ -128,6 +128,7 @@ def create_app(
             subjects=[settings.input_subject],
             storage=StorageType.FILE,
             max_age=settings.input_max_age_s,
+            retention=RetentionPolicy(settings.input_retention),
             max_msg_size=settings.max_payload_bytes * 4,
         ),
         durable=settings.durable,

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     result_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     max_pause_s: float = Field(default=60.0, gt=0)
     input_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    input_retention: Literal["limits", "workqueue", "interest"] = "limits"
     retry_redeliveries: bool = False
     shutdown_grace_s: float = Field(default=30.0, gt=0)
     nats_server_bin: Path | None = None

@@ -254,3 +254,64 @@ async def test_dlq_list_and_replay_on_a_real_server(
     assert [r["event_id"] for r in results] == ["dlq-1"]
     assert dead == []  # the replayed dead letter left the stream
     assert provider.count == 2
+
+
+async def test_sigterm_naks_in_flight_events_after_the_grace_period(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """SIGTERM with an event stuck in a slow model call: the service exits within the grace period and hands
+    the event back at once (nak), so the next instance answers it long before the ack wait would have."""
+    provider = fake_openai(latency_s=30.0)
+    settings = unique_settings(nats_server.url)
+    env = clean_env(
+        NATS_URL=nats_server.url,
+        OPENAI_API_KEY="sk-test-term",
+        OPENAI_BASE_URL=provider.base_url,
+        STANCHION_INPUT_SUBJECT=settings.input_subject,
+        STANCHION_OUTPUT_SUBJECT=settings.output_subject,
+        STANCHION_DLQ_SUBJECT=settings.dlq_subject,
+        STANCHION_INPUT_STREAM=settings.input_stream,
+        STANCHION_OUTPUT_STREAM=settings.output_stream,
+        STANCHION_DLQ_STREAM=settings.dlq_stream,
+        STANCHION_DURABLE=settings.durable,
+        STANCHION_RESULT_BUCKET=settings.result_bucket,
+        STANCHION_SHUTDOWN_GRACE_S="1",
+        STANCHION_ATTEMPT_TIMEOUT_S="60",
+        STANCHION_DEADLINE_S="90",
+    )
+    client = await nats.connect(nats_server.url)
+    collector = Collector()
+    await client.subscribe(settings.output_subject, cb=collector.on_result)
+    log = open(tmp_path / "service.log", "ab")  # noqa: SIM115 - shared by both service processes
+    first = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        js = client.jetstream()
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    await js.consumer_info(settings.input_stream, settings.durable)
+                    break
+                except NotFoundError:
+                    await asyncio.sleep(0.1)
+        await publish_all(client, settings.input_subject, ["term-1"])
+        async with asyncio.timeout(30):
+            while provider.count == 0:
+                await asyncio.sleep(0.05)
+        stopping = time.monotonic()
+        os.kill(first.pid, signal.SIGTERM)
+        code = await asyncio.to_thread(first.wait, 30)
+        stopped_after = time.monotonic() - stopping
+        provider.latency_s = 0.0
+        second = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        await collector.wait_for(results=1, timeout=30)
+    finally:
+        await client.close()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                proc.wait(30)
+        log.close()
+    assert code == 0
+    assert stopped_after < 10
+    assert [r["event_id"] for r in collector.results] == ["term-1"]
