@@ -252,11 +252,11 @@ def _module_app() -> FastStream:
     try:
         settings = load_settings()
         policy = resolve_policy(settings)
+        service = ClassifierService(settings, policy)
+        broker = create_broker(settings)
+        application = create_app(settings, service, broker=broker)
     except ConfigError as exc:
         raise SystemExit(f"stanchion: configuration error: {exc}") from None
-    service = ClassifierService(settings, policy)
-    broker = create_broker(settings)
-    application = create_app(settings, service, broker=broker)
     embedded: list[EmbeddedNats] = []
 
     @application.on_startup
@@ -278,4 +278,10 @@ def _module_app() -> FastStream:
     return application
 
 
-app = _module_app()
+def __getattr__(name: str) -> Any:
+    # `faststream run handlers.app:app` reads `app`: build it then, not whenever this module is imported.
+    if name == "app":
+        application = _module_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,9 +74,13 @@ def nats_server(settings: Settings) -> Iterator[str]:
         server.stop()
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py's default error callback prints a traceback; the CLI reports errors itself, in one line."""
+
+
 async def _connect(url: str, settings: Settings, **options: Any) -> Client:
     try:
-        return await nats.connect(url, **connect_options(settings), **options)
+        return await nats.connect(url, error_cb=_quiet, **connect_options(settings), **options)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
 
@@ -88,7 +92,9 @@ async def _check_nats(url: str, settings: Settings) -> None:
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
     try:
-        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0, **options)
+        nc = await nats.connect(
+            url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0, error_cb=_quiet, **options
+        )
     except Exception as exc:
         raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {exc or type(exc).__name__}", 1) from None
     await nc.close()
