@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -26,6 +29,46 @@ from handlers.settings import Settings
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
+STANCHION = str(Path(sys.executable).parent / "stanchion")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The parent environment without any NATS/provider/stanchion settings, plus ``extra``."""
+    drop = ("NATS_", "OPENAI_", "ANTHROPIC_", "OLLAMA_", "STANCHION_", "OTEL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    return {**env, "OLLAMA_BASE_URL": "http://127.0.0.1:9/v1", **extra}
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `stanchion run` subprocess using the subjects, streams and names of ``settings``."""
+    names = {
+        "STANCHION_INPUT_SUBJECT": settings.input_subject,
+        "STANCHION_OUTPUT_SUBJECT": settings.output_subject,
+        "STANCHION_DLQ_SUBJECT": settings.dlq_subject,
+        "STANCHION_INPUT_STREAM": settings.input_stream,
+        "STANCHION_OUTPUT_STREAM": settings.output_stream,
+        "STANCHION_DLQ_STREAM": settings.dlq_stream,
+        "STANCHION_DURABLE": settings.durable,
+        "STANCHION_RESULT_BUCKET": settings.result_bucket,
+    }
+    return clean_env(NATS_URL=settings.nats_url or "", **{**names, **extra})
+
+
+async def wait_for_consumer(
+    client: Client, settings: Settings, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> None:
+    """Wait until the service has created its durable consumer (and fail early if its process died)."""
+    js = client.jetstream()
+    async with asyncio.timeout(timeout):
+        while True:
+            assert process is None or process.poll() is None, "the service process exited"
+            try:
+                await js.consumer_info(settings.input_stream, settings.durable)
+                return
+            except NotFoundError:
+                await asyncio.sleep(0.1)
+
+
 _names = itertools.count()
 
 

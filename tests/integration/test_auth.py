@@ -18,14 +18,12 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 
 from handlers.app import create_app
 from handlers.embedded import EmbeddedNats
 from handlers.service import ClassifierService
 from handlers.settings import Settings
-from tests.conftest import Collector, policy_for, unique_settings
-from tests.integration.test_cli import STANCHION, clean_env
+from tests.conftest import STANCHION, Collector, clean_env, policy_for, unique_settings, wait_for_consumer
 
 TOKEN = "tok-" + uuid.uuid4().hex
 USER, PASSWORD = "stanchion", "pw-" + uuid.uuid4().hex
@@ -134,16 +132,10 @@ async def test_stanchion_run_with_the_right_token_answers_and_stops_on_sigterm(
     collector = Collector()
     try:
         await client.subscribe(settings.output_subject, cb=collector.on_result)
-        js = client.jetstream()
-        async with asyncio.timeout(30):
-            while True:
-                assert service.poll() is None, log.read_text()
-                try:
-                    await js.consumer_info(settings.input_stream, settings.durable)
-                    break
-                except NotFoundError:
-                    await asyncio.sleep(0.1)
-        await js.publish(settings.input_subject, json.dumps({"id": "tok-1", "text": "add dark mode"}).encode())
+        await wait_for_consumer(client, settings, service)
+        await client.jetstream().publish(
+            settings.input_subject, json.dumps({"id": "tok-1", "text": "add dark mode"}).encode()
+        )
         await collector.wait_for(results=1, timeout=20)
     finally:
         await client.close()

@@ -18,19 +18,21 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 
 from handlers.embedded import EmbeddedNats, free_port
 from tests.conftest import (
+    STANCHION,
     Collector,
     assert_each_accounted_once,
+    clean_env,
     policy_for,
     read_stream,
     running_service,
+    service_env,
     unique_settings,
+    wait_for_consumer,
 )
 from tests.fake_openai import FakeOpenAI
-from tests.integration.test_cli import STANCHION, clean_env
 
 
 async def publish_all(client: Client, subject: str, ids: list[str]) -> None:
@@ -109,18 +111,10 @@ async def test_service_killed_mid_stream_and_restarted(
     the kill are never sent to a model again."""
     provider = fake_openai(latency_s=0.03)
     settings = unique_settings(nats_server.url)
-    env = clean_env(
-        NATS_URL=nats_server.url,
+    env = service_env(
+        settings,
         OPENAI_API_KEY="sk-test-kill",
         OPENAI_BASE_URL=provider.base_url,
-        STANCHION_INPUT_SUBJECT=settings.input_subject,
-        STANCHION_OUTPUT_SUBJECT=settings.output_subject,
-        STANCHION_DLQ_SUBJECT=settings.dlq_subject,
-        STANCHION_INPUT_STREAM=settings.input_stream,
-        STANCHION_OUTPUT_STREAM=settings.output_stream,
-        STANCHION_DLQ_STREAM=settings.dlq_stream,
-        STANCHION_DURABLE=settings.durable,
-        STANCHION_RESULT_BUCKET=settings.result_bucket,
         STANCHION_ACK_WAIT_S="2",
         STANCHION_MAX_PAUSE_S="1",
         STANCHION_MAX_IN_FLIGHT="8",
@@ -133,14 +127,7 @@ async def test_service_killed_mid_stream_and_restarted(
     first = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     second: subprocess.Popen[bytes] | None = None
     try:
-        js = client.jetstream()
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    await js.consumer_info(settings.input_stream, settings.durable)
-                    break
-                except NotFoundError:
-                    await asyncio.sleep(0.1)
+        await wait_for_consumer(client, settings, first)
         await publish_all(client, settings.input_subject, ids)
         await collector.wait_for(results=50, timeout=60)
         os.kill(first.pid, signal.SIGKILL)
@@ -263,18 +250,10 @@ async def test_sigterm_naks_in_flight_events_after_the_grace_period(
     the event back at once (nak), so the next instance answers it long before the ack wait would have."""
     provider = fake_openai(latency_s=30.0)
     settings = unique_settings(nats_server.url)
-    env = clean_env(
-        NATS_URL=nats_server.url,
+    env = service_env(
+        settings,
         OPENAI_API_KEY="sk-test-term",
         OPENAI_BASE_URL=provider.base_url,
-        STANCHION_INPUT_SUBJECT=settings.input_subject,
-        STANCHION_OUTPUT_SUBJECT=settings.output_subject,
-        STANCHION_DLQ_SUBJECT=settings.dlq_subject,
-        STANCHION_INPUT_STREAM=settings.input_stream,
-        STANCHION_OUTPUT_STREAM=settings.output_stream,
-        STANCHION_DLQ_STREAM=settings.dlq_stream,
-        STANCHION_DURABLE=settings.durable,
-        STANCHION_RESULT_BUCKET=settings.result_bucket,
         STANCHION_SHUTDOWN_GRACE_S="1",
         STANCHION_ATTEMPT_TIMEOUT_S="60",
         STANCHION_DEADLINE_S="90",
@@ -286,14 +265,7 @@ async def test_sigterm_naks_in_flight_events_after_the_grace_period(
     first = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     second: subprocess.Popen[bytes] | None = None
     try:
-        js = client.jetstream()
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    await js.consumer_info(settings.input_stream, settings.durable)
-                    break
-                except NotFoundError:
-                    await asyncio.sleep(0.1)
+        await wait_for_consumer(client, settings, first)
         await publish_all(client, settings.input_subject, ["term-1"])
         async with asyncio.timeout(30):
             while provider.count == 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -13,23 +12,23 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.errors import NotFoundError
 
 from handlers.embedded import EmbeddedNats
 from handlers.policy import load_policy
-from tests.conftest import ROOT, Collector, running_service, unique_settings
+from tests.conftest import (
+    ROOT,
+    STANCHION,
+    Collector,
+    clean_env,
+    running_service,
+    service_env,
+    unique_settings,
+    wait_for_consumer,
+)
 from tests.fake_openai import FakeOpenAI
 
-STANCHION = str(Path(sys.executable).parent / "stanchion")
 FASTSTREAM = str(Path(sys.executable).parent / "faststream")
 SECRET = "sk-test-0123456789abcdef-secret"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The parent environment without any NATS/provider/stanchion settings, plus ``extra``."""
-    drop = ("NATS_URL", "OPENAI_", "ANTHROPIC_", "OLLAMA_", "STANCHION_", "OTEL_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    return {**env, "OLLAMA_BASE_URL": "http://127.0.0.1:9/v1", **extra}
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -101,19 +100,7 @@ async def test_stanchion_run_answers_events_from_a_plain_client(
     stops cleanly on SIGTERM."""
     provider = fake_openai()
     settings = unique_settings(nats_server.url)
-    env = clean_env(
-        NATS_URL=nats_server.url,
-        OPENAI_API_KEY=SECRET,
-        OPENAI_BASE_URL=provider.base_url,
-        STANCHION_INPUT_SUBJECT=settings.input_subject,
-        STANCHION_OUTPUT_SUBJECT=settings.output_subject,
-        STANCHION_DLQ_SUBJECT=settings.dlq_subject,
-        STANCHION_INPUT_STREAM=settings.input_stream,
-        STANCHION_OUTPUT_STREAM=settings.output_stream,
-        STANCHION_DLQ_STREAM=settings.dlq_stream,
-        STANCHION_DURABLE=settings.durable,
-        STANCHION_LOG_FORMAT="json",
-    )
+    env = service_env(settings, OPENAI_API_KEY=SECRET, OPENAI_BASE_URL=provider.base_url, STANCHION_LOG_FORMAT="json")
     log = tmp_path / "service.log"
     with open(log, "wb") as sink:
         service = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
@@ -121,14 +108,7 @@ async def test_stanchion_run_answers_events_from_a_plain_client(
     collector = Collector()
     try:
         await client.subscribe(settings.output_subject, cb=collector.on_result)
-        js = client.jetstream()
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    await js.consumer_info(settings.input_stream, settings.durable)
-                    break
-                except NotFoundError:
-                    await asyncio.sleep(0.1)
+        await wait_for_consumer(client, settings, service)
         ids = [f"run-{i}" for i in range(20)]
         for event_id in ids:
             await client.publish(settings.input_subject, json.dumps({"id": event_id, "text": "app crashes"}).encode())
