@@ -81,6 +81,11 @@ class Pause:
             await self.clock.sleep(min(left, self.heartbeat_s))
 
 
+def _output_stream(name: str, subject: str, settings: Settings) -> JStream:
+    """A file-backed stream that drops a second message with the same Nats-Msg-Id within the dedup window."""
+    return JStream(name, subjects=[subject], duplicate_window=settings.dedup_window_s, storage=StorageType.FILE)
+
+
 def create_app(
     settings: Settings,
     service: ClassifierService,
@@ -97,24 +102,14 @@ def create_app(
         )
     results = broker.publisher(
         settings.output_subject,
-        stream=JStream(
-            settings.output_stream,
-            subjects=[settings.output_subject],
-            duplicate_window=settings.dedup_window_s,
-            storage=StorageType.FILE,
-        ),
+        stream=_output_stream(settings.output_stream, settings.output_subject, settings),
         schema=ResultEnvelope[TaskClassification],
         title="results",
         description="One result envelope per event. Nats-Msg-Id is the event id, so duplicates are dropped.",
     )
     dead_letters = broker.publisher(
         settings.dlq_subject,
-        stream=JStream(
-            settings.dlq_stream,
-            subjects=[settings.dlq_subject],
-            duplicate_window=settings.dedup_window_s,
-            storage=StorageType.FILE,
-        ),
+        stream=_output_stream(settings.dlq_stream, settings.dlq_subject, settings),
         schema=DeadLetter,
         title="dead-letters",
         description="Events the service could not answer, with their reason and payload.",
