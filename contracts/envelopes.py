@@ -73,6 +73,7 @@ class DeadLetter(BaseModel):
     error_type: str = Field(description="poison.json, poison.schema, poison.too_large, exhausted, ...")
     payload: str = Field(description="The original bytes as text (truncated when huge).")
     payload_truncated: bool = False
+    payload_redacted: bool = Field(default=False, description="A secret was masked in the payload; not replayable.")
     payload_encoding: Literal["utf-8", "base64"] = "utf-8"
     models_tried: list[str] = Field(default_factory=list)
     attempts: int = 0

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.specification import AsyncAPI
+from nats.errors import NotJSMessageError
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
 
 from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
@@ -37,9 +40,10 @@ async def raw_body(msg: NatsMessage) -> bytes:
 
 
 def delivery_count(msg: NatsMessage) -> int:
-    with contextlib.suppress(Exception):  # not a JetStream message (e.g. under TestNatsBroker)
+    try:
         return int(msg.raw_message.metadata.num_delivered)
-    return 1
+    except NotJSMessageError:  # a core NATS message (e.g. under TestNatsBroker): its first and only delivery
+        return 1
 
 
 def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
@@ -116,6 +120,14 @@ def create_app(
     )
     pause = Pause(settings.ack_wait_s, service.clock)
 
+    consumer_config = ConsumerConfig(
+        durable_name=settings.durable,
+        max_deliver=settings.max_deliver,
+        ack_wait=settings.ack_wait_s,
+        # No more unacked messages than workers: none waits for a worker with its ack clock running.
+        max_ack_pending=settings.max_in_flight,
+    )
+
     @broker.subscriber(
         settings.input_subject,
         stream=JStream(
@@ -124,16 +136,10 @@ def create_app(
             storage=StorageType.FILE,
             max_age=settings.input_max_age_s,
             retention=RetentionPolicy(settings.input_retention),
-            max_msg_size=settings.max_payload_bytes * 4,
         ),
         durable=settings.durable,
-        # Small fetches: messages fetched while every worker is busy (or paused) wait with their ack clock running.
         pull_sub=PullSub(batch_size=min(settings.max_in_flight, 8), timeout=1.0),
-        config=ConsumerConfig(
-            max_deliver=settings.max_deliver,
-            ack_wait=settings.ack_wait_s,
-            max_ack_pending=settings.max_in_flight * 4,
-        ),
+        config=consumer_config,
         max_workers=settings.max_in_flight,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_body,
@@ -144,44 +150,66 @@ def create_app(
         data = body if isinstance(body, bytes) else body.model_dump_json().encode()
         delivery = delivery_count(msg)
         subject = msg.raw_message.subject or settings.input_subject
+        settled = False
         try:
-            await pause.wait(msg)
-            held_since = service.clock.now()
-            while True:
+            async with keep_alive(msg, settings.ack_wait_s):
+                await pause.wait(msg)
+                held_since = service.clock.now()
                 outcome = await service.handle(data, subject=subject, headers=msg.headers, delivery=delivery)
-                if (
+                while (
                     isinstance(outcome, Redeliver)
                     and outcome.pause_s is not None
                     and service.clock.now() - held_since + outcome.pause_s <= settings.max_pause_s
                 ):
                     # The failures said how long to wait: hold the message and stop pulling, don't spend a delivery.
-                    # (At least MIN_PAUSE_S: a half-open breaker with its probe in flight says "now".)
+                    # (At least MIN_PAUSE_S: a half-open breaker with its probe in flight says "now".) The retry
+                    # after the pause makes one attempt per candidate: holding must not multiply attempts.
                     pause.pause(max(outcome.pause_s, MIN_PAUSE_S))
                     await pause.wait(msg)
-                    continue
-                break
-            await _settle(outcome, msg, service, results, dead_letters)
+                    outcome = await service.handle(
+                        data, subject=subject, headers=msg.headers, delivery=delivery, retry=False
+                    )
+                settled = await _settle(outcome, msg, service, results, dead_letters)
         except asyncio.CancelledError:
-            # Shutdown grace period ran out: hand the message back now rather than after the ack wait.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.nack())
+            if not settled:
+                # Shutdown grace period ran out: hand the message back now rather than after the ack wait.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(msg.nack())
             raise
         except Exception as exc:
-            # Nothing was acked: the message comes back. On its last delivery, dead-letter it instead of losing it.
-            log.exception("handling failed", delivery=delivery)
+            log.exception("handling failed", delivery=delivery, settled=settled)
+            if settled:
+                return  # published and confirmed; only the ack was lost: the redelivery will just ack
             if delivery >= settings.max_deliver:
-                with contextlib.suppress(Exception):
-                    dead = service.dead_letter(
-                        data,
-                        subject=subject,
-                        error_type="internal",
-                        reason=f"handler failed: {type(exc).__name__}",
-                        delivery=delivery,
-                        errors=[f"{type(exc).__name__}: {exc}"],
-                    )
+                # The last delivery: dead-letter it rather than let JetStream drop it.
+                dead = service.dead_letter(
+                    data,
+                    subject=subject,
+                    error_type="internal",
+                    reason=f"handler failed: {type(exc).__name__}",
+                    delivery=delivery,
+                    errors=[f"{type(exc).__name__}: {exc}"],
+                )
+                try:
                     await _dead_letter(dead_letters, dead, msg)
                     return
+                except Exception:
+                    log.exception("dead-lettering failed; the message stays unacked and comes back")
+                    return
             await msg.nack(delay=min(2.0**delivery, 30.0))
+
+    async def reconcile_consumer() -> None:
+        """An existing durable keeps its old config when FastStream attaches to it: bring it up to the settings."""
+        js = broker.config.connection_state.stream
+        info = await js.consumer_info(settings.input_stream, settings.durable)
+        wanted = (settings.max_deliver, settings.ack_wait_s, settings.max_in_flight)
+        have = (info.config.max_deliver, info.config.ack_wait, info.config.max_ack_pending)
+        if have != wanted:
+            config = dataclasses.replace(
+                info.config, max_deliver=wanted[0], ack_wait=wanted[1], max_ack_pending=wanted[2]
+            )
+            await js.add_consumer(settings.input_stream, config)  # create-or-update, in place
+            log.warning("updated the durable consumer to the settings", durable=settings.durable, had=have)
 
     return FastStream(
         broker,
@@ -190,13 +218,33 @@ def create_app(
             version="0.1.0",
             description="Classifies TaskEvents with typed LLM agents behind a reliability stack.",
         ),
+        after_startup=[reconcile_consumer],
     )
+
+
+@contextlib.asynccontextmanager
+async def keep_alive(msg: NatsMessage, ack_wait_s: float) -> AsyncIterator[None]:
+    """Tell JetStream the message is in progress every third of the ack wait, for as long as it is handled."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(ack_wait_s / 3)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _settle(
     outcome: Outcome, msg: NatsMessage, service: ClassifierService, results: Any, dead_letters: Any
-) -> None:
-    """Publish (confirmed by JetStream), then ack / term / nak."""
+) -> bool:
+    """Publish (confirmed by JetStream), then ack / term / nak. True once the outcome is published."""
     if isinstance(outcome, Answered):
         envelope = outcome.envelope
         if not outcome.published:
@@ -204,7 +252,8 @@ async def _settle(
                 envelope.model_dump_json().encode(),
                 headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
             )
-            await service.published(envelope)
+            with contextlib.suppress(Exception):  # if this is lost, a redelivery republishes (and dedup drops it)
+                await service.published(envelope)
         await msg.ack()
         log.info(
             "answered",
@@ -215,10 +264,12 @@ async def _settle(
             latency_ms=envelope.latency_ms,
             stored=outcome.stored,
         )
-    elif isinstance(outcome, DeadLettered):
+        return True
+    if isinstance(outcome, DeadLettered):
         await _dead_letter(dead_letters, outcome.dead, msg)
-    else:
-        await msg.nack(delay=outcome.delay_s)
+        return True
+    await msg.nack(delay=outcome.delay_s)
+    return True
 
 
 async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> None:
@@ -255,7 +306,8 @@ def _module_app() -> FastStream:
     embedded: list[EmbeddedNats] = []
 
     @application.on_startup
-    def start_embedded() -> None:
+    async def start_embedded() -> None:
+        # async, so it runs on the event loop's thread: the server's parent-death signal is tied to that thread.
         configure_logging(settings.log_level, settings.log_format, service.redact.secrets)
         if settings.nats_url is None:
             server = EmbeddedNats(settings.nats_server_bin, settings.nats_store_dir)

@@ -6,11 +6,14 @@ import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from contracts import DeadLetter
+
+log = structlog.get_logger("stanchion.dlq")
 
 
 @dataclass(frozen=True)
@@ -32,8 +35,8 @@ async def dead_letters(js: JetStreamContext, stream: str) -> AsyncIterator[Store
         seq = msg.seq + 1
         try:
             yield StoredDeadLetter(msg.seq, DeadLetter.model_validate_json(msg.data or b""))
-        except ValidationError:
-            continue
+        except ValidationError as exc:
+            log.warning("not a dead letter; skipped", stream=stream, seq=msg.seq, error=str(exc).splitlines()[0])
 
 
 def original_payload(dead: DeadLetter) -> bytes:
@@ -50,5 +53,7 @@ async def replay(js: JetStreamContext, stream: str, letter: StoredDeadLetter) ->
     """
     if letter.dead.payload_truncated:
         raise ValueError(f"dead letter {letter.seq} kept only the start of its payload; it cannot be replayed")
+    if letter.dead.payload_redacted:
+        raise ValueError(f"dead letter {letter.seq} had a secret masked in its payload; it cannot be replayed as is")
     await js.publish(letter.dead.subject, original_payload(letter.dead))
     await js.delete_msg(stream, letter.seq)

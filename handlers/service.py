@@ -121,7 +121,6 @@ def build_stack(
                 multiplier=route.retry.initial_s, max=route.retry.max_s, jitter=route.retry.jitter_s
             ),
             max_retry_after=route.retry.max_retry_after_s,
-            retry_redeliveries=settings.retry_redeliveries,
         )
         for name, route in policy.routes.items()
     }
@@ -190,9 +189,24 @@ class ClassifierService:
         self.deadline_s = policy.deadline_s or settings.deadline_s
 
     async def handle(
-        self, data: bytes, *, subject: str, headers: Mapping[str, str] | None = None, delivery: int = 1
+        self,
+        data: bytes,
+        *,
+        subject: str,
+        headers: Mapping[str, str] | None = None,
+        delivery: int = 1,
+        retry: bool = True,
     ) -> Outcome:
-        """Validate, classify, and say what to do with the message."""
+        """Validate, classify, and say what to do with the message.
+
+        Args:
+            data: The payload as received.
+            subject: Where it arrived.
+            headers: Its headers.
+            delivery: Its delivery count; a redelivery gets no in-process retries unless
+                ``STANCHION_RETRY_REDELIVERIES`` (the redelivery is the retry).
+            retry: ``False`` turns in-process retries off for this call (e.g. when retrying after a pause).
+        """
         started = self.clock.now()
         event_or_dead = self.validate(data, subject=subject, delivery=delivery)
         if isinstance(event_or_dead, DeadLetter):
@@ -211,6 +225,7 @@ class ClassifierService:
             clock=self.clock,
             timeout=self.deadline_s,
             delivery=delivery,
+            may_retry=retry and (delivery == 1 or self.settings.retry_redeliveries),
         )
         if event.deadline_ms is not None:
             call.tighten_deadline(event.deadline_ms / 1000)
@@ -312,10 +327,18 @@ class ClassifierService:
     ) -> DeadLetter:
         """A dead letter keeping the payload (as text, or base64 when not UTF-8), truncated when huge."""
         kept = data[:MAX_DEAD_PAYLOAD]
+        redacted = False
         try:
-            payload, encoding = self.redact(kept.decode("utf-8")), "utf-8"
+            text = kept.decode("utf-8")
+            payload, encoding = self.redact(text), "utf-8"
+            redacted = payload != text
         except UnicodeDecodeError:
-            payload, encoding = base64.b64encode(kept).decode("ascii"), "base64"
+            # latin-1 maps bytes 1:1, so it finds a secret inside any bytes; then keep only masked, lossy text.
+            as_latin1 = kept.decode("latin-1")
+            if self.redact(as_latin1) != as_latin1:
+                payload, encoding, redacted = self.redact(kept.decode("utf-8", errors="replace")), "utf-8", True
+            else:
+                payload, encoding = base64.b64encode(kept).decode("ascii"), "base64"
         return DeadLetter(
             subject=subject,
             event_id=event_id,
@@ -323,6 +346,7 @@ class ClassifierService:
             error_type=error_type,
             payload=payload,
             payload_truncated=len(data) > MAX_DEAD_PAYLOAD,
+            payload_redacted=redacted,
             payload_encoding=encoding,
             models_tried=models_tried or [],
             attempts=attempts,

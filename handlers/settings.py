@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     attempt_timeout_s: float = Field(default=20.0, gt=0)
     output_retries: int = Field(default=1, ge=0, le=10)
     max_payload_bytes: int = Field(default=64 * 1024, ge=256)
-    dedup_window_s: float = Field(default=120.0, gt=0)
+    dedup_window_s: float = Field(default=3600.0, gt=0)
     nak_backoff_s: tuple[float, ...] = (2.0, 10.0, 30.0, 60.0)
     result_bucket: str = "stanchion_results"
     result_ttl_s: float = Field(default=24 * 3600.0, gt=0)
@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     def _pause_below_ack_wait(self) -> Settings:
         # A held message is kept alive with in_progress, but messages fetched and queued behind it are not:
         # a pause must end before their ack wait does, or they come back as redeliveries.
+        if self.dedup_window_s <= self.ack_wait_s:
+            # A result republished after a crash must still fall inside the window to be dropped as a duplicate.
+            raise ValueError(
+                f"STANCHION_DEDUP_WINDOW_S ({self.dedup_window_s:g}) must be more than "
+                f"STANCHION_ACK_WAIT_S ({self.ack_wait_s:g})"
+            )
         if self.max_pause_s >= self.ack_wait_s:
             raise ValueError(
                 f"STANCHION_MAX_PAUSE_S ({self.max_pause_s:g}) must be less than "

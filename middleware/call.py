@@ -34,6 +34,8 @@ class Call:
         clock: Time source shared by every middleware.
         timeout: Overall per-event budget in seconds; ``None`` for none.
         delivery: How many times the message has been delivered (1 on first delivery).
+        may_retry: Whether Retry may retry in-process (the transport turns it off for redeliveries, so that
+            attempts do not multiply by deliveries).
     """
 
     event: Any
@@ -42,6 +44,7 @@ class Call:
     clock: Clock = SYSTEM_CLOCK
     timeout: float | None = None
     delivery: int = 1
+    may_retry: bool = True
     route: str = "default"
     candidates: tuple[Candidate, ...] = ()
     allow_heuristic: bool = True

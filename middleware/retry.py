@@ -63,15 +63,12 @@ class RetryPolicy:
         wait: Backoff between attempts (default: exponential with jitter, 0.5 s doubling to 8 s).
         max_retry_after: Cap on a provider's ``Retry-After`` in seconds; longer asks are cut to this.
         retry_on: Which failures to retry (default: transient ones only).
-        retry_redeliveries: Retry in-process on a redelivered message too (``call.delivery > 1``). Off by
-            default: the redelivery is the retry, so attempts do not multiply by deliveries.
     """
 
     stop: stop_base = field(default_factory=lambda: stop_after_attempt(3))
     wait: wait_base = field(default_factory=lambda: wait_exponential_jitter(multiplier=0.5, max=8.0, jitter=0.5))
     max_retry_after: float = 30.0
     retry_on: Callable[[BaseException], bool] = is_transient
-    retry_redeliveries: bool = False
 
     def __post_init__(self) -> None:
         if not self.max_retry_after >= 0:  # also refuses NaN
@@ -95,7 +92,7 @@ class Retry:
         # Happy path: one attempt, no tenacity machinery. On the first retryable failure, tenacity takes
         # over with that failure as attempt 1, so stop/wait strategies see the same attempt numbers.
         call.attempt = 1
-        if call.delivery > 1 and not policy.retry_redeliveries:
+        if not call.may_retry:
             return await call_next(call)
         started = call.clock.now()
         try:

@@ -41,6 +41,7 @@ class FakeOpenAI:
     retry_after: float = 1.0
     slow_s: float = 5.0
     latency_s: float = 0.0
+    echo_auth: bool = False
     always: Fault = "ok"
     fault_rate: float = 0.0
     faults: tuple[Fault, ...] = FAULTS
@@ -155,7 +156,7 @@ class FakeOpenAI:
                     name, _, value = h.decode("latin-1").partition(":")
                     headers[name.strip().lower()] = value.strip()
                 raw = await reader.readexactly(int(headers.get("content-length", "0")))
-                if not await self._respond(method, path, raw, writer):
+                if not await self._respond(method, path, raw, writer, headers.get("authorization", "")):
                     return
         except (ConnectionError, asyncio.IncompleteReadError, ValueError, asyncio.CancelledError):
             return
@@ -163,7 +164,9 @@ class FakeOpenAI:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _respond(self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def _respond(
+        self, method: str, path: str, raw: bytes, writer: asyncio.StreamWriter, authorization: str = ""
+    ) -> bool:
         if method != "POST" or not path.endswith("/chat/completions"):
             self._write(writer, 404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
             return True
@@ -183,10 +186,13 @@ class FakeOpenAI:
             kind = {429: "rate_limit_exceeded", 401: "invalid_api_key", 404: "model_not_found"}.get(
                 status, "server_error"
             )
+            message = f"injected {status}"
+            if self.echo_auth:  # like a careless provider or proxy that quotes the credentials it refused
+                message += f"; got Authorization: {authorization}"
             self._write(
                 writer,
                 status,
-                {"error": {"message": f"injected {status}", "type": kind, "code": kind}},
+                {"error": {"message": message, "type": kind, "code": kind}},
                 extra,
             )
             return True

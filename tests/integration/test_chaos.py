@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client
 
 from handlers.embedded import EmbeddedNats, free_port
+from middleware import BreakerState
 from tests.conftest import (
     STANCHION,
     Collector,
@@ -44,23 +45,31 @@ async def publish_all(client: Client, subject: str, ids: list[str]) -> None:
 async def test_2000_events_with_30_percent_provider_faults_lose_nothing(
     nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
 ) -> None:
-    """2,000 events, 30 % injected faults of every kind on both candidates: 0 lost, 0 duplicate results."""
+    """2,000 events, 30 % injected faults of every kind on both candidates, no heuristic to fall back on (so
+    naks, redeliveries, the result store and dedup all take part): 0 lost, 0 duplicate results."""
     primary = fake_openai(fault_rate=0.3, seed=7, retry_after=0.2, slow_s=3.0)
     backup = fake_openai(fault_rate=0.3, seed=11, retry_after=0.2, slow_s=3.0)
     policy = policy_for(
         ("primary", primary),
         ("backup", backup),
-        retry={"attempts": 3, "initial_s": 0.02, "max_s": 0.2, "jitter_s": 0.02, "max_retry_after_s": 0.5},
+        heuristic=False,
+        retry={"attempts": 2, "initial_s": 0.02, "max_s": 0.2, "jitter_s": 0.02, "max_retry_after_s": 0.5},
         timeout={"attempt_s": 0.5},
         breaker={"consecutive_failures": 8, "failure_rate": 0.9, "open_s": 0.5},
     )
     ids = [f"chaos-{i}" for i in range(2000)]
-    async with running_service(nats_server.url, policy, max_in_flight=64) as svc:
+    async with running_service(
+        nats_server.url, policy, max_in_flight=64, max_deliver=20, nak_backoff_s=(0.05, 0.1, 0.2)
+    ) as svc:
         await publish_all(svc.client, svc.settings.input_subject, ids)
-        await svc.collector.wait_for(results=2000, timeout=240)
+        async with asyncio.timeout(240):
+            while len(svc.collector.results) + len(svc.collector.dead) < 2000:
+                await asyncio.sleep(0.2)
         results = await read_stream(svc.client, svc.settings.output_stream)
         dead = await read_stream(svc.client, svc.settings.dlq_stream)
+        info = await svc.client.jetstream().consumer_info(svc.settings.input_stream, svc.settings.durable)
     assert_each_accounted_once(ids, results, dead)
+    assert info.delivered.consumer_seq > len(ids)  # some events needed another delivery (every one counts here)
     assert_each_accounted_once(ids, svc.collector.results, svc.collector.dead)
     faults = {r.fault for r in primary.requests + backup.requests}
     assert {"429", "500", "503", "slow", "reset", "malformed", "invalid"} <= faults
@@ -172,7 +181,11 @@ async def test_provider_outage_without_heuristic_pauses_instead_of_burning_deliv
     ) as svc:
         js = svc.client.jetstream()
         await publish_all(svc.client, svc.settings.input_subject, ids)
-        await asyncio.sleep(2.5)  # the circuit opened at once; nak delays (2 s) have run out
+        assert svc.service.breaker is not None
+        async with asyncio.timeout(30):  # wait for the circuit to open
+            while await svc.service.breaker.state("primary") is BreakerState.CLOSED:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(2.5)  # nak delays (2 s) of the failures that tripped it have run out
         early = await js.consumer_info(svc.settings.input_stream, svc.settings.durable)
         await asyncio.sleep(2.5)  # five more open periods: a nak-and-redeliver loop would dead-letter everything
         late = await js.consumer_info(svc.settings.input_stream, svc.settings.durable)
@@ -182,6 +195,8 @@ async def test_provider_outage_without_heuristic_pauses_instead_of_burning_deliv
         results = await read_stream(svc.client, svc.settings.output_stream)
         dead = await read_stream(svc.client, svc.settings.dlq_stream)
     assert early.num_redelivered <= threshold
+    # Every delivery (first ones and redeliveries) moves the consumer's delivered sequence: it must stand still.
+    assert late.delivered.consumer_seq == early.delivered.consumer_seq
     assert late.num_redelivered == early.num_redelivered
     assert calls_during_outage <= threshold + 10 + 2  # the trip, then about one probe per open period
     assert svc.collector.dead == []
@@ -287,3 +302,31 @@ async def test_sigterm_naks_in_flight_events_after_the_grace_period(
     assert code == 0
     assert stopped_after < 10
     assert [r["event_id"] for r in collector.results] == ["term-1"]
+
+
+async def test_transient_exhaustion_is_dead_lettered_with_every_cause_after_max_deliveries(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """No heuristic, provider answering 503 for good (breaker kept out of the way): the event is nak'ed and
+    redelivered, retried in-process only on its first delivery, then dead-lettered as exhausted."""
+    provider = fake_openai(always="503")
+    policy = policy_for(
+        ("primary", provider),
+        heuristic=False,
+        retry={"attempts": 3, "initial_s": 0.01, "max_s": 0.02},
+        breaker={"consecutive_failures": 1000, "min_calls": 1000, "window": 1000},
+    )
+    async with running_service(nats_server.url, policy, max_deliver=3, nak_backoff_s=(0.1, 0.2)) as svc:
+        await svc.publish({"id": "exhaust-1", "text": "export fails"})
+        await svc.collector.wait_for(dead=1, timeout=30)
+        await asyncio.sleep(0.5)
+        results = await read_stream(svc.client, svc.settings.output_stream)
+        dead = await read_stream(svc.client, svc.settings.dlq_stream)
+    [letter] = dead
+    assert letter["event_id"] == "exhaust-1"
+    assert letter["error_type"] == "exhausted"
+    assert letter["deliveries"] == 3
+    assert letter["models_tried"] == ["primary"]
+    assert letter["errors"] and all("503" in e for e in letter["errors"])
+    assert results == []
+    assert provider.count == 3 + 1 + 1  # 3 attempts on the first delivery, one on each redelivery

@@ -160,3 +160,62 @@ def test_faststream_docs_gen_emits_the_contracts(tmp_path: Path) -> None:
     schemas = json.loads(out.read_text())["components"]["schemas"]
     assert {"TaskEvent", "TaskClassification", "DeadLetter"} <= set(schemas)
     assert any(name.startswith("ResultEnvelope") for name in schemas)
+
+
+async def test_a_provider_quoting_the_api_key_never_gets_it_into_logs_dead_letters_or_results(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """A provider whose 401 quotes the key it refused: the key appears nowhere in the service's log, its
+    dead letter, or (with a heuristic) its result's decisions."""
+    provider = fake_openai(always="401", echo_auth=True)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f"""
+[[models]]
+name = "primary"
+model = "openai-chat:gpt-4o-mini"
+base_url = "{provider.base_url}"
+api_key_env = "OPENAI_API_KEY"
+
+[routes.default]
+models = ["primary"]
+heuristic = false
+
+[routes.degraded]
+models = ["primary"]
+heuristic = true
+
+[[rules]]
+route = "degraded"
+kinds = ["degrade"]
+"""
+    )
+    settings = unique_settings(nats_server.url)
+    env = service_env(settings, OPENAI_API_KEY=SECRET, STANCHION_POLICY=str(policy), STANCHION_LOG_LEVEL="debug")
+    log = tmp_path / "service.log"
+    with open(log, "wb") as sink:
+        service = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    client = await nats.connect(nats_server.url)
+    collector = Collector()
+    try:
+        await client.subscribe(settings.output_subject, cb=collector.on_result)
+        await client.subscribe(settings.dlq_subject, cb=collector.on_dead)
+        await wait_for_consumer(client, settings, service)
+        js = client.jetstream()
+        await js.publish(settings.input_subject, json.dumps({"id": "leak-1", "text": "login fails"}).encode())
+        await js.publish(
+            settings.input_subject, json.dumps({"id": "leak-2", "text": "login fails", "kind": "degrade"}).encode()
+        )
+        await collector.wait_for(results=1, dead=1, timeout=30)
+    finally:
+        await client.close()
+        os.kill(service.pid, signal.SIGTERM)
+        service.wait(30)
+    assert provider.count == 2
+    [dead] = collector.dead
+    [result] = collector.results
+    assert dead["error_type"] == "failed" and any("401" in e for e in dead["errors"])
+    assert result["degraded"] is True
+    assert "Authorization" in json.dumps(dead)  # the quoted header is there, masked
+    for text in (json.dumps(dead), json.dumps(result), log.read_text()):
+        assert SECRET not in text

@@ -288,3 +288,21 @@ def test_policy_rejects_a_negative_max_retry_after() -> None:
     """A negative ``max_retry_after`` fails when the policy is built, not at the first retry of some event."""
     with pytest.raises(ValueError, match=r"max_retry_after|cap"):
         RetryPolicy(max_retry_after=-1.0)
+
+
+async def test_no_in_process_retries_when_the_call_may_not_retry() -> None:
+    """A call marked ``may_retry=False`` (a redelivered message) gets exactly one attempt per candidate."""
+    clock = FakeClock()
+    call = Call(event=None, clock=clock, may_retry=False)
+    attempts = 0
+
+    async def failing(call: Call) -> str:
+        nonlocal attempts
+        attempts += 1
+        raise TimeoutError("transient")
+
+    with pytest.raises(TimeoutError):
+        await Retry()(call, failing)
+    assert attempts == 1
+    assert clock.sleeps == []
+    assert [d.kind for d in call.decisions] == []
