@@ -1,0 +1,123 @@
+"""ClassifierService: bytes in, one outcome out — validation, the result store, naks, pauses, dead letters."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from contracts import TaskClassification
+from handlers.policy import Policy
+from handlers.results import InMemoryResultStore
+from handlers.service import Answered, ClassifierService, DeadLettered, Redeliver, build_stack
+from handlers.settings import Settings
+from middleware import Call, Candidate, FakeClock
+from tests.unit.fakes import server_error
+
+ANSWER = TaskClassification(category="bug", priority=4, confidence=0.9, summary="it crashes")
+POLICY = Policy.model_validate(
+    {
+        "models": [{"name": "primary", "model": "openai-chat:m"}],
+        "routes": {"default": {"models": ["primary"], "heuristic": False, "retry": {"attempts": 3}}},
+        "breaker": {"consecutive_failures": 2, "open_s": 30},
+    }
+)
+
+
+class Terminal:
+    """A terminal that fails ``failures`` times with a 503, then answers; it counts its calls."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def __call__(self, call: Call) -> TaskClassification:
+        self.calls += 1
+        call.attempts += 1
+        if self.calls <= self.failures:
+            raise server_error(503)
+        return ANSWER
+
+
+def make_service(terminal: Terminal, clock: FakeClock, **settings: Any) -> ClassifierService:
+    config = Settings(nats_url="nats://127.0.0.1:1", nak_backoff_s=(2.0, 10.0), max_deliver=3, **settings)
+    stack, breaker = build_stack(
+        config, POLICY, terminal=terminal, candidates={"primary": Candidate("primary")}, clock=clock
+    )
+    return ClassifierService(config, POLICY, stack=stack, breaker=breaker, clock=clock, results=InMemoryResultStore())
+
+
+def event(event_id: str = "e-1") -> bytes:
+    return json.dumps({"id": event_id, "text": "the app crashes"}).encode()
+
+
+async def test_an_answered_event_is_stored_and_never_sent_to_the_model_again() -> None:
+    """The second time an event id comes, the stored result answers it without calling the stack."""
+    terminal = Terminal()
+    service = make_service(terminal, FakeClock())
+    first = await service.handle(event(), subject="tasks.classify")
+    again = await service.handle(event(), subject="tasks.classify", delivery=2)
+    assert isinstance(first, Answered) and not first.stored
+    assert isinstance(again, Answered) and again.stored and not again.published
+    assert again.envelope.result == ANSWER
+    assert terminal.calls == 1
+
+
+async def test_a_published_result_is_only_acked_on_redelivery() -> None:
+    """Once the service recorded the publication, a redelivery says there is nothing left to publish."""
+    service = make_service(Terminal(), FakeClock())
+    first = await service.handle(event(), subject="tasks.classify")
+    assert isinstance(first, Answered)
+    await service.published(first.envelope)
+    again = await service.handle(event(), subject="tasks.classify", delivery=2)
+    assert isinstance(again, Answered) and again.published
+
+
+async def test_transient_failure_naks_with_the_backoff_of_its_delivery() -> None:
+    """Every candidate failed transiently and deliveries remain: nak with the delay for this delivery."""
+    clock = FakeClock()
+    terminal = Terminal(failures=100)
+    service = make_service(terminal, clock)
+    outcome = await service.handle(event(), subject="tasks.classify", delivery=2)
+    assert isinstance(outcome, Redeliver)
+    assert outcome.delay_s == 10.0
+    assert terminal.calls == 1  # a redelivery is not retried in-process
+
+
+async def test_the_last_delivery_is_dead_lettered_as_exhausted_with_every_cause() -> None:
+    """On the last delivery a transient failure becomes an `exhausted` dead letter keeping its causes."""
+    service = make_service(Terminal(failures=100), FakeClock())
+    outcome = await service.handle(event("e-9"), subject="tasks.classify", delivery=3)
+    assert isinstance(outcome, DeadLettered)
+    dead = outcome.dead
+    assert (dead.error_type, dead.event_id, dead.deliveries, dead.models_tried) == ("exhausted", "e-9", 3, ["primary"])
+    assert dead.errors and "503" in dead.errors[0]
+    assert json.loads(dead.payload)["id"] == "e-9"
+
+
+async def test_open_circuits_ask_for_a_pause_as_long_as_the_breaker_stays_open() -> None:
+    """When the failure left every candidate's circuit open, the outcome carries the pause until it may close."""
+    clock = FakeClock()
+    service = make_service(Terminal(failures=100), clock)
+    outcome = await service.handle(event(), subject="tasks.classify")  # 2 failures trip the breaker
+    assert isinstance(outcome, Redeliver)
+    assert outcome.pause_s is not None
+    assert 25.0 < outcome.pause_s <= 30.0  # open_s, less the backoff slept since it opened
+    assert outcome.delay_s >= outcome.pause_s
+
+
+async def test_retry_false_makes_one_attempt() -> None:
+    """Handling again after a pause (retry=False) makes one attempt per candidate, not a new retry budget."""
+    terminal = Terminal(failures=1)
+    service = make_service(terminal, FakeClock())
+    outcome = await service.handle(event(), subject="tasks.classify", retry=False)
+    assert isinstance(outcome, Redeliver)
+    assert terminal.calls == 1
+
+
+async def test_a_payload_quoting_a_secret_is_masked_and_flagged() -> None:
+    """A poison payload containing the API key is stored masked and marked as not replayable."""
+    service = make_service(Terminal(), FakeClock(), openai_api_key="sk-unit-secret-123456")
+    outcome = await service.handle(b'{"id": 1, "text": "key sk-unit-secret-123456"}', subject="tasks.classify")
+    assert isinstance(outcome, DeadLettered)
+    assert "sk-unit-secret-123456" not in outcome.dead.model_dump_json()
+    assert outcome.dead.payload_redacted
