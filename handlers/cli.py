@@ -24,7 +24,7 @@ from rich.table import Table
 from handlers.connection import connect_options
 from handlers.errors import ConfigError
 from handlers.logs import configure_logging
-from handlers.policy import Policy, resolve_policy
+from handlers.policy import Policy, load_policy, resolve_policy
 from handlers.settings import Settings, load_settings
 
 cli = typer.Typer(
@@ -348,18 +348,32 @@ def _age(delta: timedelta) -> str:
 def dlq_replay(
     event_id: Annotated[str | None, typer.Option("--id", help="Replay the dead letters of this event id.")] = None,
     replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    policy_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--policy",
+            help="Replay only what a service running this policy file could answer (skip poison, and events "
+            "whose route offers no untried model and no heuristic).",
+        ),
+    ] = None,
 ) -> None:
     """Republish dead letters to their original subject (they keep their id) and remove them from the stream."""
     if (event_id is None) == (not replay_all):
         raise _fail("give either --id ID or --all")
     settings, _ = _configure()
-    replayed = asyncio.run(_dlq_replay(settings, _require_nats(settings), event_id))
+    policy: Policy | None = None
+    if policy_file is not None:
+        try:
+            policy = load_policy(policy_file)
+        except ConfigError as exc:
+            raise _fail(f"configuration error: {str(exc).replace('STANCHION_POLICY', '--policy')}") from None
+    replayed = asyncio.run(_dlq_replay(settings, _require_nats(settings), event_id, policy))
     if event_id is not None and replayed == 0:
         raise _fail(f"no replayable dead letter with id {event_id!r}", 1)
 
 
-async def _dlq_replay(settings: Settings, url: str, event_id: str | None) -> int:
-    from handlers.dlq import dead_letters, replay
+async def _dlq_replay(settings: Settings, url: str, event_id: str | None, policy: Policy | None) -> int:
+    from handlers.dlq import answerable_under, dead_letters, replay
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
@@ -372,6 +386,10 @@ async def _dlq_replay(settings: Settings, url: str, event_id: str | None) -> int
             if event_id is None or letter.dead.event_id == event_id
         ]
         for letter in letters:
+            if policy is not None and (why := answerable_under(policy, letter.dead)) is not None:
+                err.print(f"skipped {letter.seq} ({letter.dead.event_id}): {why}", markup=False)
+                skipped += 1
+                continue
             try:
                 await replay(js, settings.dlq_stream, letter)
                 replayed += 1

@@ -11,7 +11,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from contracts import DeadLetter
+from contracts import DeadLetter, TaskEvent
+from handlers.policy import Policy
+from middleware import Rule
 
 log = structlog.get_logger("stanchion.dlq")
 
@@ -27,7 +29,7 @@ async def dead_letters(js: JetStreamContext, stream: str) -> AsyncIterator[Store
     seq = 1
     while True:
         try:
-            msg = await js.get_msg(stream, seq, next=True)
+            msg = await js.get_msg(stream, seq, subject=">", next=True)  # next stored message, any subject
         except NotFoundError:
             return
         if msg.seq is None:
@@ -57,3 +59,24 @@ async def replay(js: JetStreamContext, stream: str, letter: StoredDeadLetter) ->
         raise ValueError(f"dead letter {letter.seq} had a secret masked in its payload; it cannot be replayed as is")
     await js.publish(letter.dead.subject, original_payload(letter.dead))
     await js.delete_msg(stream, letter.seq)
+
+
+def answerable_under(policy: Policy, dead: DeadLetter) -> str | None:
+    """Why ``policy`` could not answer this dead letter if replayed (``None`` when it could).
+
+    Poison never becomes answerable. Otherwise the event's route under ``policy`` must allow the
+    heuristic or offer a candidate the event has not already failed on.
+    """
+    if dead.error_type.startswith("poison."):
+        return f"{dead.error_type}: the payload itself is invalid"
+    try:
+        event = TaskEvent.model_validate_json(original_payload(dead))
+    except (ValidationError, ValueError):
+        return "the payload is not a TaskEvent"
+    rules = [Rule(r.route, frozenset(r.kinds), r.min_text_length) for r in policy.rules]
+    route_name = next((rule.route for rule in rules if rule.matches(event)), policy.default_route)
+    route = policy.routes[route_name]
+    fresh = [m for m in route.models if m not in dead.models_tried]
+    if route.heuristic or fresh:
+        return None
+    return f"route {route_name!r} offers only {', '.join(route.models) or 'no models'}, all tried already"

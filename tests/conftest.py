@@ -198,7 +198,7 @@ async def read_stream(client: Client, stream: str) -> list[dict[str, Any]]:
     seq = 1
     while True:
         try:
-            msg = await js.get_msg(stream, seq, next=True)
+            msg = await js.get_msg(stream, seq, subject=">", next=True)
         except NotFoundError:
             return items
         items.append(json.loads(msg.data or b"{}"))

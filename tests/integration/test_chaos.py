@@ -330,3 +330,58 @@ async def test_transient_exhaustion_is_dead_lettered_with_every_cause_after_max_
     assert letter["errors"] and all("503" in e for e in letter["errors"])
     assert results == []
     assert provider.count == 3 + 1 + 1  # 3 attempts on the first delivery, one on each redelivery
+
+
+async def test_dlq_replay_with_a_policy_replays_only_what_that_policy_can_answer(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """`dlq replay --all --policy FILE` skips poison and events the policy would send to the same wall, and
+    replays the rest."""
+    provider = fake_openai(always="401")
+    policy = policy_for(("primary", provider), heuristic=False)
+    same_wall = tmp_path / "same.toml"
+    same_wall.write_text(
+        f'[[models]]\nname = "primary"\nmodel = "openai-chat:m"\nbase_url = "{provider.base_url}"\n\n'
+        '[routes.default]\nmodels = ["primary"]\nheuristic = false\n'
+    )
+    with_heuristic = tmp_path / "fixed.toml"
+    with_heuristic.write_text(same_wall.read_text().replace("heuristic = false", "heuristic = true"))
+    async with running_service(nats_server.url, policy) as svc:
+        await svc.publish({"id": "wall-1", "text": "cannot log in"})
+        await svc.publish(b"{not json")
+        await svc.collector.wait_for(dead=2)
+        env = clean_env(NATS_URL=nats_server.url, STANCHION_DLQ_STREAM=svc.settings.dlq_stream)
+
+        def replay(policy_file: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [STANCHION, "dlq", "replay", "--all", "--policy", str(policy_file)],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        blocked = await asyncio.to_thread(replay, same_wall)
+        assert blocked.returncode == 0, blocked.stderr
+        assert "replayed 0" in blocked.stdout and blocked.stderr.count("skipped") == 2
+        assert provider.count == 1
+
+        fixed = await asyncio.to_thread(replay, with_heuristic)
+        assert fixed.returncode == 0, fixed.stderr
+        assert "replayed 1" in fixed.stdout and "poison.json" in fixed.stderr
+        await svc.collector.wait_for(dead=3)  # the running service still has no heuristic: it fails again
+        dead = await read_stream(svc.client, svc.settings.dlq_stream)
+    assert sorted(d["error_type"] for d in dead) == ["failed", "poison.json"]
+    assert provider.count == 2
+
+    bad = await asyncio.to_thread(
+        subprocess.run,
+        [STANCHION, "dlq", "replay", "--all", "--policy", str(tmp_path / "missing.toml")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "--policy" in bad.stderr and "Traceback" not in bad.stderr
