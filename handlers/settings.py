@@ -114,18 +114,11 @@ class Settings(BaseSettings):
         return None if value == "" else value
 
     @model_validator(mode="after")
-    def _pause_below_ack_wait(self) -> Settings:
-        # A held message is kept alive with in_progress, but messages fetched and queued behind it are not:
-        # a pause must end before their ack wait does, or they come back as redeliveries.
+    def _windows(self) -> Settings:
         if self.dedup_window_s <= self.ack_wait_s:
             # A result republished after a crash must still fall inside the window to be dropped as a duplicate.
             raise ValueError(
                 f"STANCHION_DEDUP_WINDOW_S ({self.dedup_window_s:g}) must be more than "
-                f"STANCHION_ACK_WAIT_S ({self.ack_wait_s:g})"
-            )
-        if self.max_pause_s >= self.ack_wait_s:
-            raise ValueError(
-                f"STANCHION_MAX_PAUSE_S ({self.max_pause_s:g}) must be less than "
                 f"STANCHION_ACK_WAIT_S ({self.ack_wait_s:g})"
             )
         return self

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from contracts import DeadLetter, ResultEnvelope, TaskClassification
 from handlers.embedded import EmbeddedNats
-from tests.conftest import policy_for, running_service
+from tests.conftest import policy_for, running_service, unique_settings
 from tests.fake_openai import FakeOpenAI
 
 
@@ -88,3 +88,21 @@ async def test_every_model_unreachable_degrades_to_the_heuristic(nats_server: Em
     assert result["result"]["category"] == "bug" and result["result"]["priority"] == 5
     assert [d["kind"] for d in result["decisions"]][:1] == ["route"]
     assert any(d["kind"] == "degraded" for d in result["decisions"])
+
+
+async def test_an_existing_durable_consumer_is_brought_up_to_the_settings(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """Restarted with other max deliveries, ack wait and concurrency, the service updates its durable consumer
+    (FastStream alone would attach to it with the old config)."""
+    provider = fake_openai()
+    settings = unique_settings(nats_server.url, max_deliver=5, ack_wait_s=60.0, max_in_flight=8)
+    async with running_service(nats_server.url, policy_for(("primary", provider)), settings=settings) as svc:
+        before = await svc.client.jetstream().consumer_info(settings.input_stream, settings.durable)
+    changed = settings.model_copy(update={"max_deliver": 3, "ack_wait_s": 30.0, "max_in_flight": 2})
+    async with running_service(nats_server.url, policy_for(("primary", provider)), settings=changed) as svc:
+        after = await svc.client.jetstream().consumer_info(settings.input_stream, settings.durable)
+        await svc.publish({"id": "reconciled", "text": "still answering?"})
+        await svc.collector.wait_for(results=1)
+    assert (before.config.max_deliver, before.config.ack_wait, before.config.max_ack_pending) == (5, 60.0, 8)
+    assert (after.config.max_deliver, after.config.ack_wait, after.config.max_ack_pending) == (3, 30.0, 2)
