@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from tests.conftest import (
     STANCHION,
     Collector,
     clean_env,
+    policy_for,
     running_service,
     service_env,
     unique_settings,
@@ -219,3 +221,44 @@ kinds = ["degrade"]
     assert "Authorization" in json.dumps(dead)  # the quoted header is there, masked
     for text in (json.dumps(dead), json.dumps(result), log.read_text()):
         assert SECRET not in text
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["publish"], ["demo"], ["dlq"], ["dlq", "list"], ["dlq", "replay"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    """`--help` works on every command and says what it is for."""
+    proc = subprocess.run([STANCHION, *command, "--help"], env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+
+
+async def test_publish_sends_one_event_or_a_jsonl_file(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """`stanchion publish` sends one JSON event, or every line of a JSON-lines file; each is answered."""
+    provider = fake_openai()
+    async with running_service(nats_server.url, policy_for(("primary", provider))) as svc:
+        env = clean_env(NATS_URL=nats_server.url)
+        subject = svc.settings.input_subject
+        one = await asyncio.to_thread(
+            subprocess.run,
+            [STANCHION, "publish", subject, json.dumps({"id": "pub-0", "text": "one event"})],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert one.returncode == 0, one.stderr
+        lines = tmp_path / "events.jsonl"
+        lines.write_text("".join(json.dumps({"id": f"pub-{i}", "text": f"event {i}"}) + "\n" for i in range(1, 6)))
+        many = await asyncio.to_thread(
+            subprocess.run,
+            [STANCHION, "publish", subject, "--file", str(lines)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert many.returncode == 0, many.stderr
+        assert "published 5 message(s)" in many.stdout and "5 stored by JetStream" in many.stdout
+        await svc.collector.wait_for(results=6)
+    assert sorted(r["event_id"] for r in svc.collector.results) == [f"pub-{i}" for i in range(6)]
