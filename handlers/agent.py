@@ -11,6 +11,7 @@ from openai import AsyncOpenAI
 from pydantic_ai import Agent, NativeOutput, PromptedOutput, ToolOutput
 from pydantic_ai.models import Model
 from pydantic_ai.models.anthropic import AnthropicModel
+from pydantic_ai.models.instrumented import InstrumentationSettings
 from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
 from pydantic_ai.output import OutputSpec
 from pydantic_ai.providers.anthropic import AnthropicProvider
@@ -117,8 +118,12 @@ def build_candidates(policy: Policy, *, attempt_timeout_s: float, output_retries
     return candidates
 
 
-def build_agent() -> Agent[None, TaskClassification]:
-    return Agent(output_type=TaskClassification, instructions=INSTRUCTIONS, defer_model_check=True, name="classifier")
+def build_agent(*, instrument: bool = False) -> Agent[None, TaskClassification]:
+    """The classifier agent; ``instrument`` adds pydantic-ai's gen_ai spans (never the prompt or the answer)."""
+    agent = Agent(output_type=TaskClassification, instructions=INSTRUCTIONS, defer_model_check=True, name="classifier")
+    if instrument:
+        agent.instrument = InstrumentationSettings(include_content=False)
+    return agent
 
 
 def prompt(event: TaskEvent) -> str:

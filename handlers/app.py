@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
 from nats.errors import NotJSMessageError
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
@@ -51,6 +52,8 @@ def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
     return NatsBroker(
         url or settings.nats_url or DEFAULT_URL,
         name="stanchion",
+        # Messaging spans, and W3C trace context carried in message headers (uses the global tracer provider).
+        middlewares=[NatsTelemetryMiddleware()] if settings.otel_endpoint else [],
         security=broker_security(settings),
         allow_reconnect=True,
         max_reconnect_attempts=-1,
@@ -294,10 +297,12 @@ def _module_app() -> FastStream:
     from handlers.logs import configure_logging
     from handlers.policy import resolve_policy
     from handlers.settings import load_settings
+    from handlers.telemetry import configure_tracing
 
     try:
         settings = load_settings()
         policy = resolve_policy(settings)
+        tracer_provider = configure_tracing(settings)
         service = ClassifierService(settings, policy)
         broker = create_broker(settings)
         application = create_app(settings, service, broker=broker)
@@ -321,6 +326,8 @@ def _module_app() -> FastStream:
     def stop_embedded() -> None:
         for server in embedded:
             server.stop()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()
 
     return application
 

@@ -26,6 +26,7 @@ from handlers.errors import ConfigError
 from handlers.logs import configure_logging
 from handlers.policy import Policy, load_policy, resolve_policy
 from handlers.settings import Settings, load_settings
+from handlers.telemetry import configure_tracing
 
 cli = typer.Typer(
     name="stanchion",
@@ -112,6 +113,7 @@ def run() -> None:
     from handlers.app import create_app
     from handlers.service import ClassifierService
 
+    tracer_provider = configure_tracing(settings)
     try:
         service = ClassifierService(settings, policy)
     except ConfigError as exc:
@@ -126,8 +128,12 @@ def run() -> None:
             raise _fail(f"configuration error: {exc}") from None
         await app.run()
 
-    with nats_server(settings) as url, contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(url))
+    try:
+        with nats_server(settings) as url, contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(url))
+    finally:
+        if tracer_provider is not None:
+            tracer_provider.shutdown()  # flush the last spans
 
 
 @cli.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +18,13 @@ from pydantic import ValidationError
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
-from handlers.agent import AgentTerminal, build_candidates
+from handlers.agent import AgentTerminal, build_agent, build_candidates
 from handlers.heuristic import classify as heuristic_classify
 from handlers.policy import Policy
 from handlers.redact import Redactor
 from handlers.results import InMemoryResultStore, ResultStore, StoredResult
 from handlers.settings import Settings
+from handlers.telemetry import current_trace_id
 from middleware import (
     SYSTEM_CLOCK,
     AllCandidatesFailed,
@@ -45,6 +46,7 @@ from middleware import (
     Stack,
     Terminal,
     Timeout,
+    Tracing,
     describe,
 )
 
@@ -103,8 +105,10 @@ def build_stack(
     candidates: Mapping[str, Candidate] | None = None,
     clock: Clock = SYSTEM_CLOCK,
     breaker_store: BreakerStore | None = None,
+    redact: Callable[[str], str] | None = None,
 ) -> tuple[Stack[TaskClassification], CircuitBreaker]:
-    """The stack of ARCHITECTURE.md, built from the policy: Route → Fallback → Retry → CircuitBreaker → Timeout."""
+    """The stack of ARCHITECTURE.md, built from the policy: Tracing → Route → Fallback → Retry → CircuitBreaker →
+    Timeout → the agent."""
     if candidates is None:
         candidates = build_candidates(
             policy, attempt_timeout_s=settings.attempt_timeout_s, output_retries=settings.output_retries
@@ -143,14 +147,17 @@ def build_stack(
         clock=clock,
         on_transition=[_log_transition],
     )
+    tracing_on = settings.otel_endpoint is not None
     middleware: list[Middleware[TaskClassification]] = [
+        # Tracing only when an exporter is configured: without one its spans would be no-ops anyway.
+        *([Tracing(redact=redact or Redactor(settings.secrets()))] if tracing_on else []),
         Route(routes, rules, policy.default_route),
         Fallback(heuristic),
         Retry(per_route=retry),
         breaker,
         Timeout(settings.attempt_timeout_s, per_route=timeouts),
     ]
-    return Stack(middleware, terminal or AgentTerminal()), breaker
+    return Stack(middleware, terminal or AgentTerminal(build_agent(instrument=tracing_on))), breaker
 
 
 def _log_transition(key: str, old: Any, new: Any) -> None:
@@ -181,11 +188,11 @@ class ClassifierService:
         self.policy = policy
         self.clock = clock
         self.results: ResultStore = results or InMemoryResultStore()
+        self.redact = Redactor(settings.secrets() + policy_secrets(policy))
         if stack is None:
-            stack, breaker = build_stack(settings, policy, clock=clock)
+            stack, breaker = build_stack(settings, policy, clock=clock, redact=self.redact)
         self.stack = stack
         self.breaker = breaker
-        self.redact = Redactor(settings.secrets() + policy_secrets(policy))
         self.deadline_s = policy.deadline_s or settings.deadline_s
 
     async def handle(
@@ -242,6 +249,7 @@ class ClassifierService:
             latency_ms=round((self.clock.now() - started) * 1000, 3),
             usage=call.usage,
             cost_usd=call.cost_usd,
+            trace_id=call.trace_id,
             decisions=[self._redacted(d) for d in call.decisions],
         )
         await self.results.put(event.id, StoredResult(envelope.model_dump_json().encode(), published=False))
@@ -324,6 +332,7 @@ class ClassifierService:
         models_tried: list[str] | None = None,
         attempts: int = 0,
         errors: list[str] | None = None,
+        trace_id: str | None = None,
     ) -> DeadLetter:
         """A dead letter keeping the payload (as text, or base64 when not UTF-8), truncated when huge."""
         kept = data[:MAX_DEAD_PAYLOAD]
@@ -352,6 +361,7 @@ class ClassifierService:
             attempts=attempts,
             deliveries=delivery,
             errors=[self.redact(e) for e in errors or []],
+            trace_id=trace_id or current_trace_id(),
         )
 
     def _poison(
@@ -410,6 +420,7 @@ class ClassifierService:
                 models_tried=list(dict.fromkeys(call.models_tried)),
                 attempts=call.attempts,
                 errors=[describe(c) for c in causes],
+                trace_id=call.trace_id,
             )
         )
 

@@ -26,6 +26,7 @@ from middleware.retry import Retry, RetryPolicy, stop_at_deadline, wait_retry_af
 from middleware.route import Route, RouteSpec, Rule
 from middleware.stack import Middleware, Next, Stack, Terminal
 from middleware.timeout import Timeout
+from middleware.tracing import Tracing
 
 __all__ = [
     "SYSTEM_CLOCK",
@@ -58,6 +59,7 @@ __all__ = [
     "SystemClock",
     "Terminal",
     "Timeout",
+    "Tracing",
     "describe",
     "failure_kind",
     "is_transient",

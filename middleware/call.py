@@ -55,6 +55,7 @@ class Call:
     cost_usd: float | None = None
     served_by: str | None = None
     degraded: bool = False
+    trace_id: str | None = None
     models_tried: list[str] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     started_at: float = field(init=False)

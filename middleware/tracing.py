@@ -1,0 +1,74 @@
+"""Tracing: one OpenTelemetry span around the stack, with every decision as a span event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode, Tracer
+
+from middleware.call import Call
+from middleware.errors import describe
+from middleware.stack import Next
+
+R = TypeVar("R")
+
+
+def _identity(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """Opens a span for the call, sets ``call.trace_id``, and records what the stack decided.
+
+    Put it outermost. Without an OpenTelemetry SDK configured the span is a no-op and ``trace_id``
+    stays ``None``.
+
+    Args:
+        tracer: The tracer (default: the global provider's ``stanchion`` tracer).
+        redact: Applied to every text put on the span (error messages may quote secrets).
+        name: The span's name.
+    """
+
+    tracer: Tracer | None = None
+    redact: Callable[[str], str] = _identity
+    name: str = "stanchion.stack"
+
+    async def __call__(self, call: Call, call_next: Next[R]) -> R:
+        tracer = self.tracer or trace.get_tracer("stanchion")
+        with tracer.start_as_current_span(self.name, record_exception=False, set_status_on_exception=False) as span:
+            context = span.get_span_context()
+            if context.is_valid:
+                call.trace_id = format(context.trace_id, "032x")
+            try:
+                result = await call_next(call)
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, self.redact(describe(exc))))
+                raise
+            finally:
+                for decision in call.decisions:
+                    span.add_event(
+                        decision.kind,
+                        {
+                            "model": decision.model or "",
+                            "detail": self.redact(decision.detail),
+                            "at_ms": decision.at_ms,
+                        },
+                    )
+                span.set_attributes(
+                    {
+                        "stanchion.route": call.route,
+                        "stanchion.served_by": call.served_by or "",
+                        "stanchion.degraded": call.degraded,
+                        "stanchion.attempts": call.attempts,
+                        "stanchion.delivery": call.delivery,
+                        "gen_ai.usage.input_tokens": call.usage.input_tokens,
+                        "gen_ai.usage.output_tokens": call.usage.output_tokens,
+                    }
+                )
+                if call.cost_usd is not None:
+                    span.set_attribute("stanchion.cost_usd", call.cost_usd)
+            return result
