@@ -153,7 +153,8 @@ def create_app(
         data = body if isinstance(body, bytes) else body.model_dump_json().encode()
         delivery = delivery_count(msg)
         subject = msg.raw_message.subject or settings.input_subject
-        settled = False
+        outcome: Outcome | None = None
+        published = False
         try:
             async with keep_alive(msg, settings.ack_wait_s):
                 await pause.wait(msg)
@@ -172,34 +173,42 @@ def create_app(
                     outcome = await service.handle(
                         data, subject=subject, headers=msg.headers, delivery=delivery, retry=False
                     )
-                settled = await _settle(outcome, msg, service, results, dead_letters)
+                last = delivery >= settings.max_deliver
+                # Publishing is idempotent (Nats-Msg-Id): on the last delivery keep trying rather than lose it.
+                await _publish(outcome, service, results, dead_letters, msg, tries=5 if last else 1)
+                published = True
+                await _finish(outcome, msg)
         except asyncio.CancelledError:
-            if not settled:
+            if not published:
                 # Shutdown grace period ran out: hand the message back now rather than after the ack wait.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(msg.nack())
             raise
         except Exception as exc:
-            log.exception("handling failed", delivery=delivery, settled=settled)
-            if settled:
-                return  # published and confirmed; only the ack was lost: the redelivery will just ack
-            if delivery >= settings.max_deliver:
-                # The last delivery: dead-letter it rather than let JetStream drop it.
-                dead = service.dead_letter(
-                    data,
-                    subject=subject,
-                    error_type="internal",
-                    reason=f"handler failed: {type(exc).__name__}",
-                    delivery=delivery,
-                    errors=[f"{type(exc).__name__}: {exc}"],
-                )
-                try:
-                    await _dead_letter(dead_letters, dead, msg)
-                    return
-                except Exception:
-                    log.exception("dead-lettering failed; the message stays unacked and comes back")
-                    return
-            await msg.nack(delay=min(2.0**delivery, 30.0))
+            log.exception("handling failed", delivery=delivery, published=published)
+            if published:
+                return  # the outcome is out and confirmed; only the ack was lost: a redelivery will just ack
+            if delivery < settings.max_deliver:
+                await msg.nack(delay=min(2.0**delivery, 30.0))
+                return
+            if isinstance(outcome, Answered | DeadLettered):
+                log.error("could not publish the outcome of the last delivery", event_id=_event_id(service, data))
+                return
+            # The service itself failed on the last delivery: dead-letter the event rather than let it go.
+            dead = service.dead_letter(
+                data,
+                subject=subject,
+                error_type="internal",
+                reason=f"handler failed: {type(exc).__name__}",
+                event_id=_event_id(service, data),
+                delivery=delivery,
+                errors=[f"{type(exc).__name__}: {exc}"],
+            )
+            try:
+                await _dead_letter(dead_letters, dead, msg)
+                await msg.reject()
+            except Exception:
+                log.exception("dead-lettering failed; the message stays unacked")
 
     async def reconcile_consumer() -> None:
         """An existing durable keeps its old config when FastStream attaches to it: bring it up to the settings."""
@@ -240,24 +249,39 @@ async def keep_alive(msg: NatsMessage, ack_wait_s: float) -> AsyncIterator[None]
         yield
     finally:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        # gather(return_exceptions=True) absorbs the heartbeat's own cancellation but not one aimed at us.
+        await asyncio.gather(task, return_exceptions=True)
 
 
-async def _settle(
-    outcome: Outcome, msg: NatsMessage, service: ClassifierService, results: Any, dead_letters: Any
-) -> bool:
-    """Publish (confirmed by JetStream), then ack / term / nak. True once the outcome is published."""
+async def _publish(
+    outcome: Outcome, service: ClassifierService, results: Any, dead_letters: Any, msg: NatsMessage, *, tries: int
+) -> None:
+    """Publish the result or dead letter and wait for JetStream's confirmation (nothing to publish for a nak)."""
+    for attempt in range(1, tries + 1):
+        try:
+            if isinstance(outcome, Answered) and not outcome.published:
+                envelope = outcome.envelope
+                await results.publish(
+                    envelope.model_dump_json().encode(),
+                    headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
+                )
+                with contextlib.suppress(Exception):  # if this is lost, a redelivery republishes (dedup drops it)
+                    await service.published(envelope)
+            elif isinstance(outcome, DeadLettered):
+                await _dead_letter(dead_letters, outcome.dead, msg)
+            return
+        except Exception:
+            if attempt == tries:
+                raise
+            log.warning("publish failed; trying again", attempt=attempt)
+            await asyncio.sleep(0.5 * attempt)
+
+
+async def _finish(outcome: Outcome, msg: NatsMessage) -> None:
+    """Ack an answer, term a dead letter, nak a redelivery."""
     if isinstance(outcome, Answered):
-        envelope = outcome.envelope
-        if not outcome.published:
-            await results.publish(
-                envelope.model_dump_json().encode(),
-                headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
-            )
-            with contextlib.suppress(Exception):  # if this is lost, a redelivery republishes (and dedup drops it)
-                await service.published(envelope)
         await msg.ack()
+        envelope = outcome.envelope
         log.info(
             "answered",
             event_id=envelope.event_id,
@@ -267,15 +291,25 @@ async def _settle(
             latency_ms=envelope.latency_ms,
             stored=outcome.stored,
         )
-        return True
-    if isinstance(outcome, DeadLettered):
-        await _dead_letter(dead_letters, outcome.dead, msg)
-        return True
-    await msg.nack(delay=outcome.delay_s)
-    return True
+    elif isinstance(outcome, DeadLettered):
+        await msg.reject()
+        log.warning(
+            "dead-lettered",
+            event_id=outcome.dead.event_id,
+            error_type=outcome.dead.error_type,
+            reason=outcome.dead.reason,
+        )
+    else:
+        await msg.nack(delay=outcome.delay_s)
+
+
+def _event_id(service: ClassifierService, data: bytes) -> str | None:
+    event = service.validate(data, subject="")
+    return event.id if isinstance(event, TaskEvent) else None
 
 
 async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> None:
+    """Publish a dead letter (confirmed by the dead-letter stream); the caller terms the message."""
     seq = "x"
     with contextlib.suppress(Exception):
         seq = str(msg.raw_message.metadata.sequence.stream)
@@ -283,8 +317,6 @@ async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> No
         dead.model_dump_json().encode(),
         headers={"Nats-Msg-Id": f"dead:{dead.event_id or 'unknown'}:{seq}", "content-type": "application/json"},
     )
-    await msg.reject()
-    log.warning("dead-lettered", event_id=dead.event_id, error_type=dead.error_type, reason=dead.reason)
 
 
 def _module_app() -> FastStream:

@@ -92,12 +92,22 @@ async def _check_nats(url: str, settings: Settings) -> None:
         options = connect_options(settings)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
+    errors: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        errors.append(exc)
+
     try:
-        nc = await nats.connect(
-            url, allow_reconnect=False, connect_timeout=5, max_reconnect_attempts=0, error_cb=_quiet, **options
+        # nats-py keeps retrying a refused first connection even with allow_reconnect=False: bound it.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                url, connect_timeout=5, max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=remember, **options
+            ),
+            timeout=20,
         )
     except Exception as exc:
-        raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {exc or type(exc).__name__}", 1) from None
+        cause = errors[-1] if errors else exc
+        raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {cause or type(cause).__name__}", 1) from None
     await nc.close()
 
 

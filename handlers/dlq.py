@@ -64,8 +64,9 @@ async def replay(js: JetStreamContext, stream: str, letter: StoredDeadLetter) ->
 def answerable_under(policy: Policy, dead: DeadLetter) -> str | None:
     """Why ``policy`` could not answer this dead letter if replayed (``None`` when it could).
 
-    Poison never becomes answerable. Otherwise the event's route under ``policy`` must allow the
-    heuristic or offer a candidate the event has not already failed on.
+    Poison never becomes answerable. An event that failed permanently (``failed``) needs a route under
+    ``policy`` that allows the heuristic or offers a candidate it has not already failed on; one that
+    failed transiently (``exhausted``, ``internal``) may succeed on the same candidates now.
     """
     if dead.error_type.startswith("poison."):
         return f"{dead.error_type}: the payload itself is invalid"
@@ -77,6 +78,6 @@ def answerable_under(policy: Policy, dead: DeadLetter) -> str | None:
     route_name = next((rule.route for rule in rules if rule.matches(event)), policy.default_route)
     route = policy.routes[route_name]
     fresh = [m for m in route.models if m not in dead.models_tried]
-    if route.heuristic or fresh:
+    if dead.error_type != "failed" or route.heuristic or fresh:
         return None
     return f"route {route_name!r} offers only {', '.join(route.models) or 'no models'}, all tried already"

@@ -17,4 +17,9 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, "***")
+            # A secret cut off by a truncation upstream leaves a prefix at the very end: mask that too.
+            for size in range(len(secret) - 1, 3, -1):
+                if text.endswith(secret[:size]):
+                    text = text[:-size] + "***"
+                    break
         return _KEY_LIKE.sub("***", text)

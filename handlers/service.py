@@ -48,6 +48,7 @@ from middleware import (
     Timeout,
     Tracing,
     describe,
+    wait_hint,
 )
 
 log = structlog.get_logger("stanchion.service")
@@ -389,7 +390,10 @@ class ClassifierService:
         transient = isinstance(exc, AllCandidatesFailed) and exc.transient
         event: TaskEvent = call.event
         if transient and delivery < self.settings.max_deliver:
-            hint = exc.retry_after if isinstance(exc, AllCandidatesFailed) else None
+            # Pause only when every candidate said how long to wait (Retry-After, or an open circuit): one
+            # candidate's open circuit beside another's one-off 500 is no reason to stop all work.
+            waits = [wait_hint(cause) for cause in causes]
+            hint = min(w for w in waits if w is not None) if waits and None not in waits else None
             if hint is None:
                 hint = await self._all_circuits_open_for(call.models_tried)
             backoff = self.settings.nak_backoff_s

@@ -21,6 +21,7 @@ _STANDARD_NAMES = {
     "anthropic_api_key": "ANTHROPIC_API_KEY",
     "ollama_base_url": "OLLAMA_BASE_URL",
     "otel_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "otel_service_name": "OTEL_SERVICE_NAME",
     "nats_token": "NATS_TOKEN",
     "nats_user": "NATS_USER",
     "nats_password": "NATS_PASSWORD",
@@ -54,6 +55,7 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr | None = Field(default=None, validation_alias=_std("anthropic_api_key"))
     ollama_base_url: str = Field(default="http://localhost:11434/v1", validation_alias=_std("ollama_base_url"))
     otel_endpoint: str | None = Field(default=None, validation_alias=_std("otel_endpoint"))
+    otel_service_name: str = Field(default="stanchion", validation_alias=_std("otel_service_name"))
     # NATS connection security, under the names the nats CLI uses.
     nats_token: SecretStr | None = Field(default=None, validation_alias=_std("nats_token"))
     nats_user: str | None = Field(default=None, validation_alias=_std("nats_user"))

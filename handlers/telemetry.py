@@ -29,9 +29,12 @@ def configure_tracing(settings: Settings) -> TracerProvider | None:
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):  # already configured in this process
         return current
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "stanchion")})
+    resource = Resource.create({"service.name": settings.otel_service_name})
     provider = TracerProvider(resource=resource)
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    # The endpoint may come from .env, which the exporter does not read: hand it over (the signal-specific
+    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set in the environment, still wins).
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or settings.otel_endpoint.rstrip("/") + "/v1/traces"
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)
     return provider
 

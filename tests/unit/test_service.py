@@ -7,11 +7,12 @@ from typing import Any
 
 from contracts import TaskClassification
 from handlers.policy import Policy
+from handlers.redact import Redactor
 from handlers.results import InMemoryResultStore
 from handlers.service import Answered, ClassifierService, DeadLettered, Redeliver, build_stack
 from handlers.settings import Settings
 from middleware import Call, Candidate, FakeClock
-from tests.unit.fakes import server_error
+from tests.unit.fakes import rate_limited, server_error
 
 ANSWER = TaskClassification(category="bug", priority=4, confidence=0.9, summary="it crashes")
 POLICY = Policy.model_validate(
@@ -121,3 +122,53 @@ async def test_a_payload_quoting_a_secret_is_masked_and_flagged() -> None:
     assert isinstance(outcome, DeadLettered)
     assert "sk-unit-secret-123456" not in outcome.dead.model_dump_json()
     assert outcome.dead.payload_redacted
+
+
+class ScriptedTerminal:
+    """Fails each candidate with its own error, every time."""
+
+    def __init__(self, errors: dict[str, Exception]) -> None:
+        self.errors = errors
+
+    async def __call__(self, call: Call) -> TaskClassification:
+        call.attempts += 1
+        assert call.candidate is not None
+        raise self.errors[call.candidate.name]
+
+
+def two_candidate_service(errors: dict[str, Exception]) -> ClassifierService:
+    policy = Policy.model_validate(
+        {
+            "models": [{"name": "primary", "model": "openai-chat:m"}, {"name": "backup", "model": "openai-chat:n"}],
+            "routes": {"default": {"models": ["primary", "backup"], "heuristic": False, "retry": {"attempts": 1}}},
+        }
+    )
+    config = Settings(nats_url="nats://127.0.0.1:1", nak_backoff_s=(2.0,), max_deliver=3)
+    clock = FakeClock()
+    candidates = {"primary": Candidate("primary"), "backup": Candidate("backup")}
+    stack, breaker = build_stack(config, policy, terminal=ScriptedTerminal(errors), candidates=candidates, clock=clock)
+    return ClassifierService(config, policy, stack=stack, breaker=breaker, clock=clock, results=InMemoryResultStore())
+
+
+async def test_a_pause_needs_every_candidate_to_say_how_long_to_wait() -> None:
+    """One candidate asking to wait beside another's one-off 5xx is a plain nak, not a pause of all work."""
+    service = two_candidate_service({"primary": rate_limited(retry_after=5.0), "backup": server_error(500)})
+    outcome = await service.handle(event(), subject="tasks.classify")
+    assert isinstance(outcome, Redeliver)
+    assert outcome.pause_s is None
+
+
+async def test_every_candidate_asking_to_wait_pauses_for_the_shortest_wait() -> None:
+    """When every candidate answered 429 with Retry-After, the pause is the shortest of their waits."""
+    service = two_candidate_service({"primary": rate_limited(retry_after=5.0), "backup": rate_limited(retry_after=3.0)})
+    outcome = await service.handle(event(), subject="tasks.classify")
+    assert isinstance(outcome, Redeliver)
+    assert outcome.pause_s == 3.0
+    assert outcome.delay_s == 3.0
+
+
+def test_a_secret_cut_off_at_the_end_of_a_text_is_masked_too() -> None:
+    """A known secret truncated by an upstream length limit leaves no recognisable prefix behind."""
+    redact = Redactor(["nats-token-0123456789"])
+    assert redact("error: token=nats-token-01") == "error: token=***"
+    assert redact("whole nats-token-0123456789 here") == "whole *** here"
