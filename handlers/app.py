@@ -127,8 +127,9 @@ def create_app(
         durable_name=settings.durable,
         max_deliver=settings.max_deliver,
         ack_wait=settings.ack_wait_s,
-        # No more unacked messages than workers: none waits for a worker with its ack clock running.
-        max_ack_pending=settings.max_in_flight,
+        # No more unacked messages than workers (across the replicas sharing this durable): none waits for a
+        # worker with its ack clock running.
+        max_ack_pending=settings.max_in_flight * settings.replicas,
     )
 
     @broker.subscriber(
@@ -214,7 +215,7 @@ def create_app(
         """An existing durable keeps its old config when FastStream attaches to it: bring it up to the settings."""
         js = broker.config.connection_state.stream
         info = await js.consumer_info(settings.input_stream, settings.durable)
-        wanted = (settings.max_deliver, settings.ack_wait_s, settings.max_in_flight)
+        wanted = (settings.max_deliver, settings.ack_wait_s, settings.max_in_flight * settings.replicas)
         have = (info.config.max_deliver, info.config.ack_wait, info.config.max_ack_pending)
         if have != wanted:
             config = dataclasses.replace(

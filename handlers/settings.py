@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     dlq_stream: str = "STANCHION_DLQ"
     durable: str = "stanchion-classifier"
     max_in_flight: int = Field(default=16, ge=1, le=10_000)
+    replicas: int = Field(default=1, ge=1, le=1000)
     max_deliver: int = Field(default=5, ge=1)
     ack_wait_s: float = Field(default=120.0, gt=0)
     deadline_s: float = Field(default=60.0, gt=0)
