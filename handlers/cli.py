@@ -101,14 +101,22 @@ async def _check_nats(url: str, settings: Settings) -> None:
         # nats-py keeps retrying a refused first connection even with allow_reconnect=False: bound it.
         nc = await asyncio.wait_for(
             nats.connect(
-                url, connect_timeout=5, max_reconnect_attempts=1, reconnect_time_wait=0.2, error_cb=remember, **options
+                url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=0.2, error_cb=remember, **options
             ),
             timeout=20,
         )
     except Exception as exc:
-        cause = errors[-1] if errors else exc
+        cause = _most_telling(errors) or exc
         raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {cause or type(cause).__name__}", 1) from None
     await nc.close()
+
+
+def _most_telling(errors: list[Exception]) -> Exception | None:
+    """The server's refusal (authorization, TLS) if one of the attempts got it, else the first error.
+
+    After refusing, the server closes the connection, so later attempts may only see a reset."""
+    telling = ("authoriz", "authentic", "permission", "certificate", "tls", "ssl")
+    return next((e for e in errors if any(word in str(e).lower() for word in telling)), errors[0] if errors else None)
 
 
 def _safe_url(url: str) -> str:
