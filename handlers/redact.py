@@ -18,8 +18,11 @@ class Redactor:
         for secret in self.secrets:
             text = text.replace(secret, "***")
             # A secret cut off by a truncation upstream leaves a prefix at the very end: mask that too.
-            for size in range(len(secret) - 1, 3, -1):
-                if text.endswith(secret[:size]):
-                    text = text[:-size] + "***"
+            tail_start = max(0, len(text) - len(secret) + 1)
+            start = text.find(secret[:4], tail_start)
+            while start != -1:
+                if secret.startswith(text[start:]):
+                    text = text[:start] + "***"
                     break
+                start = text.find(secret[:4], start + 1)
         return _KEY_LIKE.sub("***", text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from tenacity import stop_after_attempt, wait_exponential_jitter
 from contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
 from handlers.agent import AgentTerminal, build_agent, build_candidates
 from handlers.heuristic import classify as heuristic_classify
-from handlers.policy import Policy
+from handlers.policy import BreakerConfig, Policy
 from handlers.redact import Redactor
 from handlers.results import InMemoryResultStore, ResultStore, StoredResult
 from handlers.settings import Settings
@@ -131,7 +132,7 @@ def build_stack(
     }
     timeouts = {name: route.timeout.attempt_s or settings.attempt_timeout_s for name, route in policy.routes.items()}
 
-    def breaker_policy(config: Any) -> BreakerPolicy:
+    def breaker_policy(config: BreakerConfig) -> BreakerPolicy:
         return BreakerPolicy(
             consecutive_failures=config.consecutive_failures,
             failure_rate=config.failure_rate,
@@ -430,6 +431,4 @@ class ClassifierService:
 
 
 def policy_secrets(policy: Policy) -> list[str]:
-    import os
-
     return [v for m in policy.models if m.api_key_env and (v := os.environ.get(m.api_key_env))]

@@ -93,8 +93,7 @@ class CircuitBreaker:
             failed = isinstance(exc, Exception) and policy.counts(exc)
             await self._record(call, key, policy, probe, failed=failed, released=not failed)
             raise
-        if probe or not _steady(await self.store.get(key), policy):
-            await self._record(call, key, policy, probe, failed=False, released=False)
+        await self._record(call, key, policy, probe, failed=False, released=False)
         return result
 
     async def rejecting_for(self, key: str) -> float | None:
@@ -151,6 +150,8 @@ class CircuitBreaker:
 
         def change(rec: BreakerRecord) -> tuple[BreakerRecord, tuple[BreakerRecord, BreakerRecord]]:
             new = _after(rec, policy, now, probe=probe, failed=failed, released=released)
+            if new is rec:  # nothing changed (the common case): keep the record as it is
+                return rec, (rec, rec)
             return replace(new, version=rec.version + 1), (rec, new)
 
         old, new = await self.store.update(key, change)
@@ -199,7 +200,7 @@ def _after(
         return replace(rec, probes_in_flight=in_flight, probe_successes=successes)
     if rec.state is BreakerState.OPEN:
         return rec
-    if released:
+    if released or (not failed and _steady(rec, policy)):
         return rec
     outcomes = (*rec.outcomes, failed)[-policy.window :]
     consecutive = rec.consecutive_failures + 1 if failed else 0

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -52,6 +53,21 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STANCHION_RESULT_BUCKET": settings.result_bucket,
     }
     return clean_env(NATS_URL=settings.nats_url or "", **{**names, **extra})
+
+
+def start_service(env: dict[str, str], cwd: Path) -> subprocess.Popen[bytes]:
+    """`stanchion run` in a subprocess; its output is appended to ``cwd/service.log`` (restarts share it)."""
+    with open(cwd / "service.log", "ab") as sink:
+        return subprocess.Popen([STANCHION, "run"], env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def stop_service(process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> int | None:
+    """Signal the process by its PID if it still runs, wait for it, and return its exit code."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        os.kill(process.pid, sig)
+    return process.wait(30)
 
 
 async def wait_for_consumer(

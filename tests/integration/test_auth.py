@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import ssl
 import subprocess
 import time
@@ -23,7 +21,16 @@ from handlers.app import create_app
 from handlers.embedded import EmbeddedNats
 from handlers.service import ClassifierService
 from handlers.settings import Settings
-from tests.conftest import STANCHION, Collector, clean_env, policy_for, unique_settings, wait_for_consumer
+from tests.conftest import (
+    STANCHION,
+    Collector,
+    clean_env,
+    policy_for,
+    start_service,
+    stop_service,
+    unique_settings,
+    wait_for_consumer,
+)
 
 TOKEN = "tok-" + uuid.uuid4().hex
 USER, PASSWORD = "stanchion", "pw-" + uuid.uuid4().hex
@@ -120,14 +127,7 @@ async def test_stanchion_run_with_the_right_token_answers_and_stops_on_sigterm(
         **{f"STANCHION_{name.upper()}": getattr(settings, name) for name in names},
     )
     log = tmp_path / "service.log"
-    with open(log, "wb") as sink:
-        service = subprocess.Popen(
-            [STANCHION, "run"],
-            env=env,
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    service = start_service(env, tmp_path)
     client = await nats.connect(token_server.url, token=TOKEN)
     collector = Collector()
     try:
@@ -139,9 +139,7 @@ async def test_stanchion_run_with_the_right_token_answers_and_stops_on_sigterm(
         await collector.wait_for(results=1, timeout=20)
     finally:
         await client.close()
-        if service.poll() is None:
-            os.kill(service.pid, signal.SIGTERM)
-        code = service.wait(30)
+        code = stop_service(service)
     assert code == 0, log.read_text()
     assert [r["event_id"] for r in collector.results] == ["tok-1"]
     assert TOKEN not in log.read_text()

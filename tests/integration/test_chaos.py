@@ -30,6 +30,8 @@ from tests.conftest import (
     read_stream,
     running_service,
     service_env,
+    start_service,
+    stop_service,
     unique_settings,
     wait_for_consumer,
 )
@@ -132,18 +134,16 @@ async def test_service_killed_mid_stream_and_restarted(
     client = await nats.connect(nats_server.url)
     collector = Collector()
     await client.subscribe(settings.output_subject, cb=collector.on_result)
-    log = open(tmp_path / "service.log", "ab")  # noqa: SIM115 - shared by both service processes
-    first = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    first = start_service(env, tmp_path)
     second: subprocess.Popen[bytes] | None = None
     try:
         await wait_for_consumer(client, settings, first)
         await publish_all(client, settings.input_subject, ids)
         await collector.wait_for(results=50, timeout=60)
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(10)
+        stop_service(first, signal.SIGKILL)
         answered_before = {r["event_id"] for r in await read_stream(client, settings.output_stream)}
         restarted = time.monotonic()
-        second = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        second = start_service(env, tmp_path)
         async with asyncio.timeout(120):
             while len({r["event_id"] for r in await read_stream(client, settings.output_stream)}) < len(ids):
                 await asyncio.sleep(0.5)
@@ -151,11 +151,8 @@ async def test_service_killed_mid_stream_and_restarted(
         dead = await read_stream(client, settings.dlq_stream)
     finally:
         await client.close()
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-        log.close()
+        stop_service(first)
+        stop_service(second)
     assert_each_accounted_once(ids, results, dead)
     assert 50 <= len(answered_before) < len(ids)
     asked_again = [i for i in answered_before if provider.requests_mentioning(f"({i})", after=restarted)]
@@ -276,8 +273,7 @@ async def test_sigterm_naks_in_flight_events_after_the_grace_period(
     client = await nats.connect(nats_server.url)
     collector = Collector()
     await client.subscribe(settings.output_subject, cb=collector.on_result)
-    log = open(tmp_path / "service.log", "ab")  # noqa: SIM115 - shared by both service processes
-    first = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    first = start_service(env, tmp_path)
     second: subprocess.Popen[bytes] | None = None
     try:
         await wait_for_consumer(client, settings, first)
@@ -290,15 +286,12 @@ async def test_sigterm_naks_in_flight_events_after_the_grace_period(
         code = await asyncio.to_thread(first.wait, 30)
         stopped_after = time.monotonic() - stopping
         provider.latency_s = 0.0
-        second = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        second = start_service(env, tmp_path)
         await collector.wait_for(results=1, timeout=30)
     finally:
         await client.close()
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                proc.wait(30)
-        log.close()
+        stop_service(first)
+        stop_service(second)
     assert code == 0
     assert stopped_after < 10
     assert [r["event_id"] for r in collector.results] == ["term-1"]

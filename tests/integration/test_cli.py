@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +22,8 @@ from tests.conftest import (
     policy_for,
     running_service,
     service_env,
+    start_service,
+    stop_service,
     unique_settings,
     wait_for_consumer,
 )
@@ -104,8 +104,7 @@ async def test_stanchion_run_answers_events_from_a_plain_client(
     settings = unique_settings(nats_server.url)
     env = service_env(settings, OPENAI_API_KEY=SECRET, OPENAI_BASE_URL=provider.base_url, STANCHION_LOG_FORMAT="json")
     log = tmp_path / "service.log"
-    with open(log, "wb") as sink:
-        service = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    service = start_service(env, tmp_path)
     client = await nats.connect(nats_server.url)
     collector = Collector()
     try:
@@ -117,8 +116,7 @@ async def test_stanchion_run_answers_events_from_a_plain_client(
         await collector.wait_for(results=20, timeout=60)
     finally:
         await client.close()
-        os.kill(service.pid, signal.SIGTERM)
-        code = service.wait(30)
+        code = stop_service(service)
     assert code == 0
     assert sorted(r["event_id"] for r in collector.results) == sorted(ids)
     assert {r["model"] for r in collector.results} == {"fast"}
@@ -195,8 +193,7 @@ kinds = ["degrade"]
     settings = unique_settings(nats_server.url)
     env = service_env(settings, OPENAI_API_KEY=SECRET, STANCHION_POLICY=str(policy), STANCHION_LOG_LEVEL="debug")
     log = tmp_path / "service.log"
-    with open(log, "wb") as sink:
-        service = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    service = start_service(env, tmp_path)
     client = await nats.connect(nats_server.url)
     collector = Collector()
     try:
@@ -211,8 +208,7 @@ kinds = ["degrade"]
         await collector.wait_for(results=1, dead=1, timeout=30)
     finally:
         await client.close()
-        os.kill(service.pid, signal.SIGTERM)
-        service.wait(30)
+        stop_service(service)
     assert provider.count == 2
     [dead] = collector.dead
     [result] = collector.results

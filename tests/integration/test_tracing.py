@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from opentelemetry.propagate import inject
 from opentelemetry.sdk.trace import TracerProvider
 
 from handlers.embedded import EmbeddedNats
-from tests.conftest import STANCHION, Collector, service_env, unique_settings, wait_for_consumer
+from tests.conftest import Collector, service_env, start_service, stop_service, unique_settings, wait_for_consumer
 from tests.fake_openai import FakeOpenAI
 from tests.otlp_receiver import OtlpReceiver
 
@@ -39,9 +36,7 @@ async def test_an_event_is_one_trace_from_the_publisher_through_the_stack_to_the
             OTEL_SERVICE_NAME="stanchion-test",
             OTEL_BSP_SCHEDULE_DELAY="100",
         )
-        log = tmp_path / "service.log"
-        with open(log, "wb") as sink:
-            service = subprocess.Popen([STANCHION, "run"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+        service = start_service(env, tmp_path)
         client = await nats.connect(nats_server.url)
         collector = Collector()
         publisher_trace = TracerProvider().get_tracer("test-publisher")
@@ -59,8 +54,7 @@ async def test_an_event_is_one_trace_from_the_publisher_through_the_stack_to_the
             await collector.wait_for(results=1, dead=1, timeout=30)
         finally:
             await client.close()
-            os.kill(service.pid, signal.SIGTERM)
-            code = service.wait(30)
+            code = stop_service(service)
     assert code == 0
     [result] = collector.results
     [dead] = collector.dead
