@@ -1,4 +1,4 @@
-"""A real OTLP/HTTP trace receiver for tests: decodes ExportTraceServiceRequest protobufs and keeps the spans."""
+"""A real OTLP/HTTP receiver for tests: decodes trace and metric export protobufs and keeps what they carry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -37,6 +41,8 @@ class OtlpReceiver:
     def __init__(self) -> None:
         self.spans: list[ReceivedSpan] = []
         self.raw: list[bytes] = []
+        self.metrics: dict[str, list[tuple[dict[str, Any], float]]] = {}
+        """Metric name → every data point received: (attributes, value; a histogram's count)."""
         self._lock = threading.Lock()
         receiver = self
 
@@ -45,12 +51,16 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                if self.path != "/v1/traces":
+                if self.path == "/v1/traces":
+                    receiver._store(body)
+                    reply = ExportTraceServiceResponse().SerializeToString()
+                elif self.path == "/v1/metrics":
+                    receiver._store_metrics(body)
+                    reply = ExportMetricsServiceResponse().SerializeToString()
+                else:
                     self.send_response(404)
                     self.end_headers()
                     return
-                receiver._store(body)
-                reply = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))
@@ -86,6 +96,29 @@ class OtlpReceiver:
                                 events=[(e.name, {a.key: _value(a.value) for a in e.attributes}) for e in span.events],
                             )
                         )
+
+    def _store_metrics(self, body: bytes) -> None:
+        request = ExportMetricsServiceRequest.FromString(body)
+        with self._lock:
+            self.raw.append(body)
+            for resource_metrics in request.resource_metrics:
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        kind = metric.WhichOneof("data")
+                        if kind is None:
+                            continue
+                        for point in getattr(metric, kind).data_points:
+                            attributes = {a.key: _value(a.value) for a in point.attributes}
+                            value = (
+                                float(point.count)
+                                if kind in ("histogram", "exponential_histogram")
+                                else float(point.as_double if point.HasField("as_double") else point.as_int)
+                            )
+                            self.metrics.setdefault(metric.name, []).append((attributes, value))
+
+    def metric_points(self, name: str) -> list[tuple[dict[str, Any], float]]:
+        with self._lock:
+            return list(self.metrics.get(name, []))
 
     def snapshot(self) -> list[ReceivedSpan]:
         with self._lock:
