@@ -118,11 +118,14 @@ def build_candidates(policy: Policy, *, attempt_timeout_s: float, output_retries
     return candidates
 
 
-def build_agent(*, instrument: bool = False) -> Agent[None, TaskClassification]:
-    """The classifier agent; ``instrument`` adds pydantic-ai's gen_ai spans (never the prompt or the answer)."""
+def build_agent(*, instrument: bool | InstrumentationSettings = False) -> Agent[None, TaskClassification]:
+    """The classifier agent; ``instrument`` adds pydantic-ai's gen_ai spans and metrics (``True``: without the
+    prompt or the answer; pass ``InstrumentationSettings`` to choose providers and content)."""
     agent = Agent(output_type=TaskClassification, instructions=INSTRUCTIONS, defer_model_check=True, name="classifier")
-    if instrument:
+    if instrument is True:
         agent.instrument = InstrumentationSettings(include_content=False)
+    elif isinstance(instrument, InstrumentationSettings):
+        agent.instrument = instrument
     return agent
 
 
