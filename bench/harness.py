@@ -1,0 +1,398 @@
+"""Shared pieces of the benchmark suite: processes it starts, lanes of events through NATS, figures, the report.
+
+Every comparison runs its variants in one process run, alternating rounds, and compares medians. A *lane*
+is one set of subjects, streams and durable: the driver publishes a burst of events with fresh ids to the
+lane's input subject and counts the result envelopes that come back on its output subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import itertools
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from handlers.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+STANCHION = str(Path(sys.executable).parent / "stanchion")
+_names = itertools.count()
+_rounds = itertools.count()
+
+
+# -- figures and the report ---------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One line of the results: a measured value, its target (if any) and whether it is met."""
+
+    section: str
+    name: str
+    value: str
+    target: str = ""
+    met: bool | None = None
+    detail: str = ""
+
+    @property
+    def verdict(self) -> str:
+        return "" if self.met is None else ("met" if self.met else "**missed**")
+
+
+@dataclass
+class Report:
+    """Figures and notes of one comparison."""
+
+    title: str
+    how: str
+    figures: list[Figure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, name: str, value: str, target: str = "", met: bool | None = None, detail: str = "") -> None:
+        self.figures.append(Figure(self.title, name, value, target, met, detail))
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by nearest rank."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def spread(values: Sequence[float]) -> str:
+    return "..".join(f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in (min(values), max(values))) if values else ""
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, "
+        f"CPython {platform.python_version()}; load average at start {load}"
+    )
+
+
+def render(reports: Sequence[Report], *, argv: Sequence[str], started: datetime.datetime, wall_s: float) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python -m bench.suite` (see `bench/suite.py`); do not edit by hand.",
+        "",
+        f"- date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- machine: {machine()}",
+        f"- command: `python -m bench.suite {' '.join(argv)}`".replace("  ", " ").replace(" `", "`", 0),
+        f"- wall time: {wall_s / 60:.1f} min",
+        "",
+        "Each comparison ran in one process run with its variants interleaved round by round; values are medians",
+        "over the rounds (the range of the rounds is in brackets). The machine is shared with other work, so",
+        "single rounds are noisy; the ratios of interleaved medians are the figures to read.",
+        "",
+        "## Summary",
+        "",
+        "| comparison | figure | value | target | |",
+        "|---|---|---|---|---|",
+    ]
+    for report in reports:
+        for fig in report.figures:
+            lines.append(f"| {report.title} | {fig.name} | {fig.value} | {fig.target} | {fig.verdict} |")
+    for report in reports:
+        lines += ["", f"## {report.title}", "", report.how, ""]
+        lines += ["| figure | value | target | | detail |", "|---|---|---|---|---|"]
+        for fig in report.figures:
+            lines.append(f"| {fig.name} | {fig.value} | {fig.target} | {fig.verdict} | {fig.detail} |")
+        if report.notes:
+            lines.append("")
+            lines += [f"- {note}" for note in report.notes]
+        lines += ["", f"({report.seconds:.0f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def print_report(report: Report) -> None:
+    print(f"\n== {report.title} ({report.seconds:.0f} s)", flush=True)
+    for fig in report.figures:
+        target = f"  target {fig.target}: {fig.verdict.strip('*')}" if fig.target else ""
+        print(f"  {fig.name:<58} {fig.value:>22}{target}  {fig.detail}", flush=True)
+    for note in report.notes:
+        print(f"  - {note}", flush=True)
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
+    """SIGTERM by PID, then SIGKILL if it does not exit in time."""
+    if process is None or process.poll() is not None:
+        return
+    os.kill(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextmanager
+def provider(latency_s: float = 0.0, always: str = "ok") -> Iterator[str]:
+    """The fake OpenAI-compatible provider in its own process; yields its base URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.provider", "--latency", str(latency_s), "--always", always],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"bench.provider did not start: {line!r}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
+    finally:
+        stop_process(process)
+
+
+def lane_settings(nats_url: str, **overrides: Any) -> Settings:
+    """Settings with subjects, streams, durable and bucket of their own."""
+    n = f"{os.getpid()}x{next(_names)}"
+    names: dict[str, Any] = {
+        "input_subject": f"b{n}.tasks.classify",
+        "output_subject": f"b{n}.tasks.classified",
+        "dlq_subject": f"b{n}.dlq",
+        "input_stream": f"B{n}_TASKS",
+        "output_stream": f"B{n}_RESULTS",
+        "dlq_stream": f"B{n}_DLQ",
+        "durable": f"b{n}-classifier",
+        "result_bucket": f"b{n}_results",
+    }
+    return Settings(nats_url=nats_url, **{**names, **overrides})
+
+
+def service_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a `stanchion run` subprocess for ``settings`` (nothing inherited from ours)."""
+    drop = ("NATS_", "OPENAI_", "ANTHROPIC_", "OLLAMA_", "STANCHION_", "OTEL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    names = {
+        "NATS_URL": settings.nats_url or "",
+        "OLLAMA_BASE_URL": "http://127.0.0.1:9/v1",
+        "STANCHION_INPUT_SUBJECT": settings.input_subject,
+        "STANCHION_OUTPUT_SUBJECT": settings.output_subject,
+        "STANCHION_DLQ_SUBJECT": settings.dlq_subject,
+        "STANCHION_INPUT_STREAM": settings.input_stream,
+        "STANCHION_OUTPUT_STREAM": settings.output_stream,
+        "STANCHION_DLQ_STREAM": settings.dlq_stream,
+        "STANCHION_DURABLE": settings.durable,
+        "STANCHION_RESULT_BUCKET": settings.result_bucket,
+        "STANCHION_MAX_IN_FLIGHT": str(settings.max_in_flight),
+        "STANCHION_REPLICAS": str(settings.replicas),
+        "STANCHION_LOG_LEVEL": settings.log_level,
+    }
+    return {**env, **names, **extra}
+
+
+def policy_file(directory: Path, text: str) -> Path:
+    path = directory / f"policy-{next(_names)}.toml"
+    path.write_text(text)
+    return path
+
+
+def model_policy(base_url: str, *, breaker: str = "", retry: str = "") -> str:
+    """A policy TOML: one model on ``base_url``, then the heuristic."""
+    return (
+        f'[[models]]\nname = "fast"\nmodel = "openai-chat:gpt-4o-mini"\nbase_url = "{base_url}"\n\n'
+        f'[routes.default]\nmodels = ["fast"]\nheuristic = true\n{retry}\n{breaker}\n'
+    )
+
+
+@dataclass
+class Service:
+    """`stanchion run` subprocesses (one per replica) on one lane."""
+
+    settings: Settings
+    processes: list[subprocess.Popen[bytes]]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.processes)
+
+
+@contextmanager
+def services(settings: Settings, workdir: Path, *, replicas: int = 1, **env: str) -> Iterator[Service]:
+    """Start ``replicas`` `stanchion run` processes sharing the lane's durable; stop them by PID after."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(replicas):
+            log = open(workdir / f"{settings.durable}-{i}.log", "ab")  # noqa: SIM115 - the child owns it
+            processes.append(
+                subprocess.Popen(
+                    [STANCHION, "run"], env=service_env(settings, **env), cwd=workdir, stdout=log, stderr=log
+                )
+            )
+            log.close()
+        yield Service(settings, processes)
+    finally:
+        for process in processes:
+            stop_process(process)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="stanchion-bench-") as tmp:
+        yield Path(tmp)
+
+
+# -- lanes ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    at: float
+    envelope: dict[str, Any]
+
+
+class Lane:
+    """Publishes events to one lane and collects the results coming back (core NATS, driver's clock)."""
+
+    def __init__(self, client: Client, settings: Settings) -> None:
+        self.client = client
+        self.settings = settings
+        self.results: dict[str, Received] = {}
+        self.sent_at: dict[str, float] = {}
+        self._waiting: tuple[str, int, asyncio.Future[None]] | None = None
+        self._count: dict[str, int] = {}
+
+    async def start(self) -> Lane:
+        await self.client.subscribe(self.settings.output_subject, cb=self._on_result)
+        return self
+
+    async def _on_result(self, msg: Msg) -> None:
+        now = time.perf_counter()
+        envelope = json.loads(msg.data)
+        event_id: str = envelope["event_id"]
+        if event_id in self.results:
+            return
+        self.results[event_id] = Received(now, envelope)
+        prefix = event_id.rsplit("-", 1)[0]
+        self._count[prefix] = self._count.get(prefix, 0) + 1
+        if self._waiting is not None:
+            want_prefix, want, future = self._waiting
+            if prefix == want_prefix and self._count[prefix] >= want and not future.done():
+                future.set_result(None)
+
+    async def ready(self, service: Service | None = None, timeout: float = 60.0) -> None:
+        """Wait until the lane's durable consumer exists (fail early if a service process died)."""
+        js = self.client.jetstream()
+        async with asyncio.timeout(timeout):
+            while True:
+                if service is not None and not service.alive():
+                    raise RuntimeError(f"a service process of {self.settings.durable} exited; see its log")
+                try:
+                    await js.consumer_info(self.settings.input_stream, self.settings.durable)
+                    return
+                except NotFoundError:
+                    await asyncio.sleep(0.1)
+
+    @staticmethod
+    def payloads(prefix: str, n: int) -> list[tuple[str, bytes]]:
+        return [
+            (f"{prefix}-{i}", json.dumps({"id": f"{prefix}-{i}", "text": f"the app crashes on login {i}"}).encode())
+            for i in range(n)
+        ]
+
+    async def burst(self, n: int, timeout: float = 600.0) -> float:
+        """Publish ``n`` fresh events at once; events/s from the first publish to the last result."""
+        prefix = f"r{next(_rounds)}"
+        events = self.payloads(prefix, n)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting = (prefix, n, future)
+        started = time.perf_counter()
+        for _, data in events:
+            await self.client.publish(self.settings.input_subject, data)
+        await self.client.flush()
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            got = self._count.get(prefix, 0)
+            raise RuntimeError(f"{self.settings.durable}: {got} of {n} results within {timeout:.0f} s") from None
+        finally:
+            self._waiting = None
+        last = max(self.results[event_id].at for event_id, _ in events)
+        return n / (last - started)
+
+    async def paced(self, n: int, rate: float, timeout: float = 120.0) -> list[tuple[float, dict[str, Any]]]:
+        """Publish ``n`` fresh events at ``rate``/s; (publish → result seconds, envelope) for each."""
+        prefix = f"r{next(_rounds)}"
+        events = self.payloads(prefix, n)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting = (prefix, n, future)
+        started = time.perf_counter()
+        try:
+            for i, (event_id, data) in enumerate(events):
+                await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+                self.sent_at[event_id] = time.perf_counter()
+                await self.client.publish(self.settings.input_subject, data)
+                await self.client.flush()
+            await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting = None
+        return [
+            (self.results[event_id].at - self.sent_at[event_id], self.results[event_id].envelope)
+            for event_id, _ in events
+        ]
+
+
+async def interleave(
+    variants: Sequence[tuple[str, Callable[[], Awaitable[float]]]], rounds: int
+) -> dict[str, list[float]]:
+    """Run every variant once per round, in an order that alternates between rounds."""
+    values: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name, run in order:
+            values[name].append(await run())
+            print(f"    round {r + 1}/{rounds} {name}: {values[name][-1]:.1f}", flush=True)
+    return values

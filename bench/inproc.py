@@ -1,0 +1,401 @@
+"""Comparisons that run the code under test inside the benchmark process: reference points, overhead, agent path.
+
+The "same agent" is pydantic-ai with an instant ``FunctionModel`` in this process: these comparisons measure
+what the stack, the service and FastStream add, and an HTTP client plus a provider process would only add
+the same cost to both sides (the HTTP path is measured by the concurrency comparison).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import io
+import logging
+import pstats
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from faststream import AckPolicy
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, StorageType
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from pydantic_ai import Agent, ToolOutput
+from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+
+from bench import bench_stack
+from bench.harness import Lane, Report, interleave, lane_settings, median, spread
+from contracts import ResultEnvelope, TaskClassification, TaskEvent, Usage
+from handlers.agent import AgentTerminal, ModelTarget, build_agent, prompt
+from handlers.app import create_app, create_broker, raw_body
+from handlers.logs import configure_logging
+from handlers.policy import Policy
+from handlers.service import ClassifierService, build_stack
+from handlers.settings import Settings
+from middleware import Call, Candidate
+from tests.otlp_receiver import OtlpReceiver
+
+POLICY = Policy.model_validate(
+    {"models": [{"name": "fast", "model": "openai-chat:bench"}], "routes": {"default": {"models": ["fast"]}}}
+)
+
+
+async def instant(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+    answer = {"category": "bug", "priority": 3, "confidence": 0.9, "summary": "instant"}
+    return ModelResponse(parts=[ToolCallPart(info.output_tools[0].name, answer)])
+
+
+def instant_candidate() -> Candidate:
+    return Candidate("fast", ModelTarget(FunctionModel(instant), ToolOutput(TaskClassification), 1))
+
+
+class NaiveAgentTerminal:
+    """``AgentTerminal`` as it was before the agent-path work: one plain ``agent.run`` per attempt."""
+
+    def __init__(self, agent: Agent[None, TaskClassification] | None = None) -> None:
+        self.agent = agent or build_agent()
+
+    async def __call__(self, call: Call) -> TaskClassification:
+        if call.candidate is None or not isinstance(call.candidate.target, ModelTarget):
+            raise TypeError("NaiveAgentTerminal needs call.candidate.target to be a ModelTarget")
+        target: ModelTarget = call.candidate.target
+        call.attempts += 1
+        result: Any = await self.agent.run(
+            prompt(call.event),
+            model=target.model,
+            output_type=target.output,
+            retries={"output": target.output_retries},
+        )
+        run_usage = result.usage
+        usage = Usage(
+            input_tokens=run_usage.input_tokens, output_tokens=run_usage.output_tokens, requests=run_usage.requests
+        )
+        reported = float(run_usage.cost) if getattr(run_usage, "cost", None) is not None else None
+        call.add_usage(usage, target.cost(usage, reported))
+        output: TaskClassification = result.output
+        return output
+
+
+def quiet_logging(directory: Path) -> None:
+    """The service's logging (info, console renderer), written to a file instead of the terminal."""
+    configure_logging("info", "console", ())
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(open(directory / "inproc.log", "a"))  # noqa: SIM115 - lives as long as the process
+
+
+# -- reference points -----------------------------------------------------------------------------
+
+
+async def _prepublish(client: Client, stream: str, subject: str, n: int) -> None:
+    """A fresh stream holding ``n`` TaskEvents."""
+    js = client.jetstream()
+    await js.add_stream(name=stream, subjects=[subject], storage=StorageType.FILE)
+    for _, data in Lane.payloads(stream, n):
+        await client.publish(subject, data)
+    await client.flush()
+    while (await js.stream_info(stream)).state.messages < n:  # noqa: ASYNC110 - polling the server
+        await asyncio.sleep(0.05)
+
+
+async def raw_consumer(url: str, n: int) -> float:
+    """nats-py alone: a pull consumer fetching batches and acking every message."""
+    client = await nats.connect(url)
+    try:
+        settings = lane_settings(url)
+        await _prepublish(client, settings.input_stream, settings.input_subject, n)
+        sub = await client.jetstream().pull_subscribe(settings.input_subject, durable=settings.durable)
+        got = 0
+        started = time.perf_counter()
+        while got < n:
+            for msg in await sub.fetch(batch=256, timeout=5):
+                await msg.ack()
+                got += 1
+        rate = n / (time.perf_counter() - started)
+        await client.jetstream().delete_stream(settings.input_stream)
+        return rate
+    finally:
+        await client.close()
+
+
+async def faststream_consumer(url: str, n: int, receiver: OtlpReceiver | None) -> float:
+    """A FastStream JetStream subscriber with a typed ``TaskEvent`` handler (and telemetry when a receiver is given)."""
+    client = await nats.connect(url)
+    settings = lane_settings(url)
+    await _prepublish(client, settings.input_stream, settings.input_subject, n)
+    tracer_provider: TracerProvider | None = None
+    middlewares: list[Any] = []
+    if receiver is not None:
+        tracer_provider = TracerProvider(resource=Resource.create({"service.name": "bench"}))
+        tracer_provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{receiver.endpoint}/v1/traces"))
+        )
+        middlewares = [NatsTelemetryMiddleware(tracer_provider=tracer_provider)]
+    broker = NatsBroker(url, middlewares=middlewares, logger=None)
+    stamps: list[float] = []
+    done = asyncio.Event()
+
+    @broker.subscriber(
+        settings.input_subject,
+        stream=JStream(settings.input_stream, subjects=[settings.input_subject], storage=StorageType.FILE),
+        durable=settings.durable,
+        pull_sub=PullSub(batch_size=64, timeout=1.0),
+    )
+    async def handle(event: TaskEvent) -> None:
+        stamps.append(time.perf_counter())
+        if len(stamps) >= n:
+            done.set()
+
+    try:
+        await broker.start()
+        await asyncio.wait_for(done.wait(), 300)
+        return (n - 1) / (stamps[-1] - stamps[0])
+    finally:
+        await broker.stop()
+        if tracer_provider is not None:
+            tracer_provider.shutdown()
+        await client.jetstream().delete_stream(settings.input_stream)
+        await client.close()
+
+
+async def reference_points(url: str, *, quick: bool) -> Report:
+    report = Report(
+        "Reference points",
+        "Consumption of pre-published TaskEvents from a JetStream stream on the suite's nats-server, in the "
+        "benchmark process. raw: nats-py pull consumer, fetch(256), ack each. FastStream: a pull subscriber "
+        "(batch 64) with a typed `TaskEvent` handler that does nothing, acked by FastStream. +telemetry: the same "
+        "with `NatsTelemetryMiddleware` and a tracer provider exporting over OTLP/HTTP (BatchSpanProcessor) to "
+        "the test `OtlpReceiver`, which runs in a thread of this process. Rate = messages / time from the first "
+        "to the last handled message.",
+    )
+    rounds = 2 if quick else 3
+    sizes = (20_000, 4_000, 2_000) if quick else (50_000, 10_000, 5_000)
+    with OtlpReceiver() as receiver:
+        values = await interleave(
+            [
+                ("raw nats-py", lambda: raw_consumer(url, sizes[0])),
+                ("FastStream", lambda: faststream_consumer(url, sizes[1], None)),
+                ("FastStream+telemetry", lambda: faststream_consumer(url, sizes[2], receiver)),
+            ],
+            rounds,
+        )
+        spans = len(receiver.snapshot())
+    reference = {"raw nats-py": "≈ 57k", "FastStream": "≈ 6.1k", "FastStream+telemetry": "≈ 2.4k"}
+    for name, vals in values.items():
+        report.add(
+            f"{name} consumer (msg/s)",
+            f"{median(vals):,.0f}",
+            detail=f"rounds [{spread(vals)}]; issue's reference {reference[name]}",
+        )
+    report.notes.append(f"{spans} spans reached the OTLP receiver during the telemetry rounds.")
+    return report
+
+
+# -- 1: overhead ----------------------------------------------------------------------------------
+
+
+def bare_app(settings: Settings, candidate: Candidate, terminal: AgentTerminal) -> NatsBroker:
+    """A FastStream handler with the app's subscriber settings calling the agent terminal directly.
+
+    It validates the event, runs the terminal, publishes the result envelope (JetStream-confirmed, with
+    Nats-Msg-Id) and acks — the transport work the full app does, without stack, result store or logs.
+    """
+    broker = create_broker(settings)
+    results = broker.publisher(
+        settings.output_subject,
+        stream=JStream(
+            settings.output_stream,
+            subjects=[settings.output_subject],
+            duplicate_window=settings.dedup_window_s,
+            storage=StorageType.FILE,
+        ),
+    )
+
+    @broker.subscriber(
+        settings.input_subject,
+        stream=JStream(settings.input_stream, subjects=[settings.input_subject], storage=StorageType.FILE),
+        durable=settings.durable,
+        pull_sub=PullSub(batch_size=min(settings.max_in_flight, 8), timeout=1.0),
+        config=ConsumerConfig(durable_name=settings.durable, max_ack_pending=settings.max_in_flight),
+        max_workers=settings.max_in_flight,
+        ack_policy=AckPolicy.MANUAL,
+        decoder=raw_body,
+    )
+    async def classify(body: bytes, msg: NatsMessage) -> None:
+        started = time.perf_counter()
+        event = TaskEvent.model_validate_json(body)
+        call = Call(event=event, subject=settings.input_subject, headers=dict(msg.headers), timeout=60.0)
+        call.candidate = candidate
+        output = await terminal(call)
+        envelope = ResultEnvelope[TaskClassification](
+            event_id=event.id,
+            result=output,
+            model=candidate.name,
+            attempts=call.attempts,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            usage=call.usage,
+        )
+        await results.publish(
+            envelope.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
+        )
+        await msg.ack()
+
+    return broker
+
+
+async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
+    report = Report(
+        "1. Overhead: full stack vs bare FastStream handler",
+        "Both variants consume from JetStream through FastStream in the benchmark process, with the same "
+        "subscriber settings (pull batch 8, 16 workers, manual ack) and publish a JetStream-confirmed result "
+        "envelope. The agent is pydantic-ai `agent.run` with an instant `FunctionModel` (in-process, so the "
+        "comparison is not diluted by an HTTP client and a provider). **full** = `create_app` with a "
+        "`ClassifierService`: Route → Fallback → Retry → CircuitBreaker → Timeout, the NATS KV result store, "
+        "heartbeats, info logs (to a file). **bare** = a FastStream handler that validates the event, calls the "
+        "same `AgentTerminal` and publishes. Bursts of fresh events; rate = events / (first publish → last "
+        "result). The in-process row is `bench/bench_stack.py` (`ClassifierService.handle`, no NATS).",
+    )
+    quiet_logging(directory)
+    n, rounds = (400, 3) if quick else (1000, 5)
+    candidate = instant_candidate()
+    terminal = AgentTerminal()
+    full_settings = lane_settings(url, max_in_flight=16)
+    full_stack, breaker = build_stack(full_settings, POLICY, terminal=terminal, candidates={"fast": candidate})
+    service = ClassifierService(full_settings, POLICY, stack=full_stack, breaker=breaker)
+    full = create_app(full_settings, service, url=url)
+    bare_settings = lane_settings(url, max_in_flight=16)
+    bare = bare_app(bare_settings, candidate, terminal)
+    client = await nats.connect(url)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            await full.start()
+            stack.push_async_callback(full.stop)
+            await bare.start()
+            stack.push_async_callback(bare.stop)
+            full_lane = await Lane(client, full_settings).start()
+            bare_lane = await Lane(client, bare_settings).start()
+            await full_lane.ready()
+            await bare_lane.ready()
+            await full_lane.burst(200)  # warm-up
+            await bare_lane.burst(200)
+            values = await interleave(
+                [("bare", lambda: bare_lane.burst(n)), ("full", lambda: full_lane.burst(n))], rounds
+            )
+    finally:
+        await client.close()
+    ratio = median(values["full"]) / median(values["bare"])
+    report.add("bare FastStream handler (events/s)", f"{median(values['bare']):.0f}", detail=spread(values["bare"]))
+    report.add("full stack via create_app (events/s)", f"{median(values['full']):.0f}", detail=spread(values["full"]))
+    report.add("ratio full / bare (through NATS)", f"{ratio:.3f}", "≥ 0.95", ratio >= 0.95)
+
+    full_svc, bare_svc = bench_stack.services()
+    await bench_stack.throughput(full_svc, 200)
+    await bench_stack.throughput(bare_svc, 200)
+    inproc = await interleave(
+        [
+            ("handle bare", lambda: bench_stack.throughput(bare_svc, n)),
+            ("handle full", lambda: bench_stack.throughput(full_svc, n)),
+        ],
+        rounds,
+    )
+    in_ratio = median(inproc["handle full"]) / median(inproc["handle bare"])
+    report.add(
+        "ratio full / bare in-process (`ClassifierService.handle`)",
+        f"{in_ratio:.3f}",
+        "≥ 0.95",
+        in_ratio >= 0.95,
+        f"bare {median(inproc['handle bare']):.0f}/s, full {median(inproc['handle full']):.0f}/s",
+    )
+    return report
+
+
+# -- 6: agent path --------------------------------------------------------------------------------
+
+
+async def terminal_rate(terminal: Callable[[Call], Awaitable[TaskClassification]], n: int) -> tuple[float, float]:
+    """(events/s, CPU ms per event) for ``n`` terminal calls by 16 concurrent workers."""
+    candidate = instant_candidate()
+    queue = list(range(n))
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            call = Call(event=TaskEvent(id=f"a-{i}", text=f"the app crashes on login {i}"), timeout=60.0)
+            call.candidate = candidate
+            await terminal(call)
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(16)))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return n / wall, cpu / n * 1000
+
+
+def profile_summary(terminal: Callable[[Call], Awaitable[TaskClassification]], n: int, top: int = 12) -> str:
+    """Where the CPU goes: the top functions by own time under cProfile, as a Markdown list."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    asyncio.run(terminal_rate(terminal, n))
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
+    lines = []
+    for (file, line, func), (_, calls, own, cumulative, _) in rows:
+        where = "/".join(Path(file).parts[-2:])
+        lines.append(
+            f"  - `{func}` ({where}:{line}): {own / total:.0%} own time, {cumulative / n * 1000:.2f} ms cumulative "
+            f"per event, {calls / n:.0f} calls per event"
+        )
+    return "\n".join(lines)
+
+
+async def agent_path(*, quick: bool) -> Report:
+    report = Report(
+        "6. Agent path: naive agent.run vs current AgentTerminal",
+        "The terminal alone, 16 concurrent callers, instant `FunctionModel`, in the benchmark process. **naive** = "
+        "`bench.inproc.NaiveAgentTerminal`, a copy of `AgentTerminal` before the agent-path work (one "
+        "`agent.run` per attempt); **current** = `handlers.agent.AgentTerminal` as it is in the tree. CPU per "
+        "event = process CPU time / events.",
+    )
+    n, rounds = (300, 3) if quick else (1000, 5)
+    naive, current = NaiveAgentTerminal(), AgentTerminal()
+    await terminal_rate(naive, 100)
+    await terminal_rate(current, 100)
+    cpu: dict[str, list[float]] = {"naive": [], "current": []}
+
+    async def run(name: str, terminal: Callable[[Call], Awaitable[TaskClassification]]) -> float:
+        rate, ms = await terminal_rate(terminal, n)
+        cpu[name].append(ms)
+        return rate
+
+    values = await interleave(
+        [("naive", lambda: run("naive", naive)), ("current", lambda: run("current", current))], rounds
+    )
+    speedup = median(values["current"]) / median(values["naive"])
+    report.add("naive agent.run (events/s)", f"{median(values['naive']):.0f}", detail=spread(values["naive"]))
+    report.add("naive: CPU per event (ms)", f"{median(cpu['naive']):.2f}", detail="issue's reference ≈ 6 ms")
+    report.add("current AgentTerminal (events/s)", f"{median(values['current']):.0f}", detail=spread(values["current"]))
+    report.add("current: CPU per event (ms)", f"{median(cpu['current']):.2f}")
+    report.add("speed-up current / naive", f"{speedup:.2f}x", "≥ 3x", speedup >= 3.0)
+    return report
+
+
+def agent_profiles(report: Report, *, quick: bool) -> None:
+    """Profiles of both terminals (run outside the event loop of the suite: cProfile wants its own run)."""
+    n = 200 if quick else 500
+    report.notes.append(
+        f"Profile of the naive path (cProfile, {n} events, top functions by own time):\n"
+        + profile_summary(NaiveAgentTerminal(), n)
+    )
+    report.notes.append("Profile of the current path:\n" + profile_summary(AgentTerminal(), n))
