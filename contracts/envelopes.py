@@ -29,6 +29,13 @@ class Usage(BaseModel):
             requests=self.requests + other.requests,
         )
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens - other.input_tokens,
+            output_tokens=self.output_tokens - other.output_tokens,
+            requests=self.requests - other.requests,
+        )
+
 
 class Decision(BaseModel):
     """One thing the reliability stack decided while handling an event (route, retry, fallback...)."""

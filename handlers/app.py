@@ -17,16 +17,17 @@ from typing import Any
 import structlog
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.specification import AsyncAPI
 from nats.errors import NotJSMessageError
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
 
 from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
 from handlers.connection import broker_security
+from handlers.report import register as register_stats
 from handlers.results import InMemoryResultStore, KeyValueResultStore
-from handlers.service import Answered, ClassifierService, DeadLettered, Outcome, Redeliver
+from handlers.service import Answered, ClassifierService, DeadLettered, Outcome, Redeliver, outcome_event_id
 from handlers.settings import Settings
+from handlers.telemetry import TelemetryMiddleware
 from middleware import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger("stanchion.app")
@@ -53,7 +54,7 @@ def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
         url or settings.nats_url or DEFAULT_URL,
         name="stanchion",
         # Messaging spans, and W3C trace context carried in message headers (uses the global tracer provider).
-        middlewares=[NatsTelemetryMiddleware()] if settings.otel_endpoint else [],
+        middlewares=[TelemetryMiddleware()] if settings.otel_endpoint else [],
         security=broker_security(settings),
         allow_reconnect=True,
         max_reconnect_attempts=-1,
@@ -154,6 +155,14 @@ def create_app(
         data = body if isinstance(body, bytes) else body.model_dump_json().encode()
         delivery = delivery_count(msg)
         subject = msg.raw_message.subject or settings.input_subject
+        # Every line logged for this message says which subject (and, once known, which event) it is about.
+        bound = structlog.contextvars.bind_contextvars(subject=subject, event_id=None)
+        try:
+            await _handle_message(msg, data, delivery, subject)
+        finally:
+            structlog.contextvars.reset_contextvars(**bound)
+
+    async def _handle_message(msg: NatsMessage, data: bytes, delivery: int, subject: str) -> None:
         outcome: Outcome | None = None
         published = False
         try:
@@ -161,6 +170,7 @@ def create_app(
                 await pause.wait(msg)
                 held_since = service.clock.now()
                 outcome = await service.handle(data, subject=subject, headers=msg.headers, delivery=delivery)
+                structlog.contextvars.bind_contextvars(event_id=outcome_event_id(outcome))
                 while (
                     isinstance(outcome, Redeliver)
                     and outcome.pause_s is not None
@@ -224,6 +234,21 @@ def create_app(
             await js.add_consumer(settings.input_stream, config)  # create-or-update, in place
             log.warning("updated the durable consumer to the settings", durable=settings.durable, had=have)
 
+    stats_services: list[Any] = []
+
+    async def announce() -> None:
+        """Answer `$SRV.STATS.stanchion` (and `stanchion report`) with this process's statistics."""
+        nc = broker.config.connection_state.connection
+        stats_services.append(
+            await register_stats(nc, service.stats, durable=settings.durable, input_subject=settings.input_subject)
+        )
+
+    async def withdraw() -> None:
+        for stats_service in stats_services:
+            with contextlib.suppress(Exception):
+                await stats_service.stop()
+        stats_services.clear()
+
     return FastStream(
         broker,
         specification=AsyncAPI(
@@ -231,7 +256,8 @@ def create_app(
             version="0.1.0",
             description="Classifies TaskEvents with typed LLM agents behind a reliability stack.",
         ),
-        after_startup=[reconcile_consumer],
+        after_startup=[reconcile_consumer, announce],
+        on_shutdown=[withdraw],
     )
 
 
@@ -330,12 +356,12 @@ def _module_app() -> FastStream:
     from handlers.logs import configure_logging
     from handlers.policy import resolve_policy
     from handlers.settings import load_settings
-    from handlers.telemetry import configure_tracing
+    from handlers.telemetry import configure_telemetry
 
     try:
         settings = load_settings()
         policy = resolve_policy(settings)
-        tracer_provider = configure_tracing(settings)
+        telemetry = configure_telemetry(settings)
         service = ClassifierService(settings, policy)
         broker = create_broker(settings)
         application = create_app(settings, service, broker=broker)
@@ -359,8 +385,8 @@ def _module_app() -> FastStream:
     def stop_embedded() -> None:
         for server in embedded:
             server.stop()
-        if tracer_provider is not None:
-            tracer_provider.shutdown()
+        if telemetry is not None:
+            telemetry.shutdown()
 
     return application
 

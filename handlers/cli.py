@@ -1,4 +1,4 @@
-"""The ``stanchion`` command: run the service, publish events, run the demo."""
+"""The ``stanchion`` command: run the service, publish events, run the demo, report, dead letters."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from handlers.errors import ConfigError
 from handlers.logs import configure_logging
 from handlers.policy import Policy, load_policy, resolve_policy
 from handlers.settings import Settings, load_settings
-from handlers.telemetry import configure_tracing
+from handlers.telemetry import configure_telemetry, publish_traced
 
 cli = typer.Typer(
     name="stanchion",
@@ -131,7 +131,7 @@ def run() -> None:
     from handlers.app import create_app
     from handlers.service import ClassifierService
 
-    tracer_provider = configure_tracing(settings)
+    telemetry = configure_telemetry(settings)
     try:
         service = ClassifierService(settings, policy)
     except ConfigError as exc:
@@ -150,8 +150,8 @@ def run() -> None:
         with nats_server(settings) as url, contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(url))
     finally:
-        if tracer_provider is not None:
-            tracer_provider.shutdown()  # flush the last spans
+        if telemetry is not None:
+            telemetry.shutdown()  # flush the last spans and metrics
 
 
 @cli.command()
@@ -167,7 +167,12 @@ def publish(
     if not settings.nats_url:
         raise _fail("configuration error: NATS_URL is not set: publish needs a running server")
     lines = [payload.encode()] if payload is not None else _read_lines(file)
-    asyncio.run(_publish(settings, settings.nats_url, subject, lines))
+    telemetry = configure_telemetry(settings)  # each event's trace starts here when tracing is configured
+    try:
+        asyncio.run(_publish(settings, settings.nats_url, subject, lines))
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
 
 
 def _read_lines(file: Path | None) -> list[bytes]:
@@ -188,7 +193,7 @@ async def _publish(settings: Settings, url: str, subject: str, lines: list[bytes
             task = progress.add_task(f"publishing to {subject}", total=len(lines))
             for line in lines:
                 try:
-                    await js.publish(subject, line)
+                    await publish_traced(js, subject, line)
                     stored += 1
                 except NoStreamResponseError:
                     await nc.publish(subject, line)  # no stream on that subject: plain NATS
@@ -243,6 +248,7 @@ def demo(
 
 async def _demo(settings: Settings, service: Any, url: str, wait_s: float) -> bool:
     from handlers.app import create_app
+    from handlers.report import gather, render
 
     await _check_nats(url, settings)
     app = create_app(settings, service, url=url)
@@ -271,9 +277,12 @@ async def _demo(settings: Settings, service: Any, url: str, wait_s: float) -> bo
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), wait_s)
             elapsed = time.monotonic() - started
+            replicas = await gather(nc, durable=settings.durable, wait_s=0.5)
     finally:
         await nc.close()
     _print_results(ids, answers, elapsed)
+    out.print()
+    render(replicas, out, settings.budget_usd)
     return len(answers) == len(ids) and all("result" in a for a in answers.values())
 
 
@@ -309,6 +318,41 @@ def _print_results(ids: list[str], answers: dict[str, dict[str, Any]], elapsed: 
         f"{len(answers) - answered} dead letters, {len(ids) - len(answers)} missing; "
         f"latency p50 {p50:.0f} ms, p95 {p95:.0f} ms; {elapsed:.1f} s in all"
     )
+
+
+@cli.command()
+def report(
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the replicas' answers.")] = 1.0,
+    every: Annotated[bool, typer.Option("--all", help="Every stanchion service, not one durable.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """The production report: each running replica's figures and the combined table (calls, success rate,
+    p50/p95/p99 latency, cost per call and in total against STANCHION_BUDGET_USD, fallbacks, breakers)."""
+    settings, _ = _configure()
+    url = _require_nats(settings)
+    asyncio.run(_report(settings, url, wait, None if every else settings.durable, as_json))
+
+
+async def _report(settings: Settings, url: str, wait_s: float, durable: str | None, as_json: bool) -> None:
+    from handlers.report import combine, gather, render
+
+    await _check_nats(url, settings)
+    nc = await _connect(url, settings)
+    try:
+        replicas = await gather(nc, durable=durable, wait_s=wait_s)
+    finally:
+        await nc.close()
+    if as_json:
+        figures = {
+            "replicas": [r.to_dict() for r in replicas],
+            "combined": combine(replicas).to_dict(),
+            "budget_usd": settings.budget_usd,
+        }
+        out.print_json(json.dumps(figures))
+    else:
+        render(replicas, out, settings.budget_usd)
+    if not replicas:
+        raise typer.Exit(1)
 
 
 dlq = typer.Typer(help="Dead letters: list them, replay them.", no_args_is_help=True)

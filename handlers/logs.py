@@ -1,32 +1,92 @@
-"""structlog to stderr, with every known secret redacted from every line."""
+"""structlog to stderr: JSON in production, readable console in development, secrets redacted.
+
+Every line carries the current OpenTelemetry ``trace_id`` and ``span_id`` when there is a span, and what
+the handler bound with ``structlog.contextvars`` (``event_id``, ``subject``). Secrets are masked twice: any
+known secret value anywhere in a line, and the whole value of any field whose name says it is one.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 
 from handlers.redact import Redactor
+from middleware import AttemptRecord, Call
+
+SECRET_FIELD = re.compile(
+    r"(^|[_-])(api[_-]?key|private[_-]?key|token|password|passwd|secret|authorization|credentials?|creds)$",
+    re.IGNORECASE,
+)
+
+llm_log = structlog.get_logger("stanchion.llm")
+
+
+def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """``trace_id`` and ``span_id`` of the current span, when there is a real one."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event.setdefault("trace_id", format(context.trace_id, "032x"))
+        event.setdefault("span_id", format(context.span_id, "016x"))
+    return event
+
+
+def redactor_processor(redact: Redactor) -> Any:
+    """A structlog processor masking secret-named fields and every known secret in any string field."""
+
+    def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in event.items():
+            if value is None or key in ("trace_id", "span_id"):
+                continue
+            if SECRET_FIELD.search(key):
+                event[key] = "***"
+            elif isinstance(value, str):
+                event[key] = redact(value)
+            elif not isinstance(value, int | float | bool):
+                text = str(value)
+                redacted = redact(text)
+                if redacted != text:
+                    event[key] = redacted
+        return event
+
+    return redact_event
+
+
+class LlmCallLog:
+    """One ``llm_call_completed`` line per model call (an ``AttemptRecorder``)."""
+
+    def attempt_finished(self, call: Call, record: AttemptRecord) -> None:
+        llm_log.info(
+            "llm_call_completed",
+            candidate=record.candidate,
+            model=record.model,
+            route=record.route,
+            attempt=record.attempt,
+            delivery=record.delivery,
+            outcome=record.outcome,
+            latency_ms=round(record.latency_s * 1000, 3),
+            input_tokens=record.usage.input_tokens,
+            output_tokens=record.usage.output_tokens,
+            requests=record.usage.requests,
+            cost_usd=record.cost_usd,
+            error=record.error,
+        )
 
 
 def configure_logging(level: str = "info", fmt: str = "console", secrets: Iterable[str] = ()) -> None:
     """Route structlog and the standard library (FastStream, nats) through one redacting renderer on stderr."""
-    redact = Redactor(secrets)
-
-    def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        for key, value in event.items():
-            if isinstance(value, str):
-                event[key] = redact(value)
-        return event
-
+    redact_event = redactor_processor(Redactor(secrets))
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        add_trace_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso"),
         structlog.processors.format_exc_info,

@@ -10,25 +10,31 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from opentelemetry import metrics, trace
 from pydantic import ValidationError
+from pydantic_ai.models.instrumented import InstrumentationSettings
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
 from handlers.agent import AgentTerminal, build_agent, build_candidates
 from handlers.heuristic import classify as heuristic_classify
+from handlers.logs import LlmCallLog
+from handlers.metrics import Metrics
 from handlers.policy import BreakerConfig, Policy
 from handlers.redact import Redactor
 from handlers.results import InMemoryResultStore, ResultStore, StoredResult
 from handlers.settings import Settings
+from handlers.stats import ServiceStats
 from handlers.telemetry import current_trace_id
 from middleware import (
     SYSTEM_CLOCK,
     AllCandidatesFailed,
+    AttemptRecorder,
     BreakerPolicy,
     BreakerStore,
     Call,
@@ -39,6 +45,7 @@ from middleware import (
     InMemoryBreakerStore,
     Middleware,
     NoCandidates,
+    Observe,
     Retry,
     RetryPolicy,
     Route,
@@ -88,9 +95,19 @@ class Redeliver:
     delay_s: float
     reason: str
     pause_s: float | None = None
+    event_id: str | None = None
 
 
 Outcome = Answered | DeadLettered | Redeliver
+
+
+def outcome_event_id(outcome: Outcome) -> str | None:
+    """The id of the event an outcome is about (``None`` for a payload that had none)."""
+    if isinstance(outcome, Answered):
+        return outcome.envelope.event_id
+    if isinstance(outcome, DeadLettered):
+        return outcome.dead.event_id
+    return outcome.event_id
 
 
 async def heuristic(call: Call) -> TaskClassification:
@@ -108,9 +125,16 @@ def build_stack(
     clock: Clock = SYSTEM_CLOCK,
     breaker_store: BreakerStore | None = None,
     redact: Callable[[str], str] | None = None,
+    recorders: Sequence[AttemptRecorder] | None = None,
+    on_transition: Sequence[Callable[[str, Any, Any], None]] = (),
 ) -> tuple[Stack[TaskClassification], CircuitBreaker]:
     """The stack of ARCHITECTURE.md, built from the policy: Tracing → Route → Fallback → Retry → CircuitBreaker →
-    Timeout → the agent."""
+    Observe → Timeout → the agent.
+
+    ``recorders`` are told about every model call (default: the ``llm_call_completed`` log line);
+    ``on_transition`` about every breaker state change (besides its log line). Tracing, attempt spans and
+    pydantic-ai's instrumentation are on when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+    """
     if candidates is None:
         candidates = build_candidates(
             policy, attempt_timeout_s=settings.attempt_timeout_s, output_retries=settings.output_retries
@@ -147,19 +171,28 @@ def build_stack(
         per_candidate={m.name: breaker_policy(m.breaker) for m in policy.models if m.breaker is not None},
         store=breaker_store or InMemoryBreakerStore(),
         clock=clock,
-        on_transition=[_log_transition],
+        on_transition=[_log_transition, *on_transition],
     )
     tracing_on = settings.otel_endpoint is not None
+    redact = redact or Redactor(settings.secrets())
+    model_names = {m.name: m.model for m in policy.models}
     middleware: list[Middleware[TaskClassification]] = [
         # Tracing only when an exporter is configured: without one its spans would be no-ops anyway.
-        *([Tracing(redact=redact or Redactor(settings.secrets()))] if tracing_on else []),
+        *([Tracing(redact=redact)] if tracing_on else []),
         Route(routes, rules, policy.default_route),
         Fallback(heuristic),
         Retry(per_route=retry),
         breaker,
+        Observe(
+            recorders=[LlmCallLog()] if recorders is None else recorders,
+            tracer=trace.get_tracer("stanchion") if tracing_on else None,
+            model_of=lambda candidate: model_names.get(candidate.name, candidate.name),
+            redact=redact,
+        ),
         Timeout(settings.attempt_timeout_s, per_route=timeouts),
     ]
-    return Stack(middleware, terminal or AgentTerminal(build_agent(instrument=tracing_on))), breaker
+    instrument = InstrumentationSettings(include_content=settings.trace_content) if tracing_on else False
+    return Stack(middleware, terminal or AgentTerminal(build_agent(instrument=instrument))), breaker
 
 
 def _log_transition(key: str, old: Any, new: Any) -> None:
@@ -191,8 +224,18 @@ class ClassifierService:
         self.clock = clock
         self.results: ResultStore = results or InMemoryResultStore()
         self.redact = Redactor(settings.secrets() + policy_secrets(policy))
+        self.stats = ServiceStats.for_this_process()
+        self.metrics = Metrics(metrics.get_meter_provider()) if settings.otel_endpoint else None
         if stack is None:
-            stack, breaker = build_stack(settings, policy, clock=clock, redact=self.redact)
+            recorders: list[AttemptRecorder] = [LlmCallLog(), self.stats, *([self.metrics] if self.metrics else [])]
+            stack, breaker = build_stack(
+                settings,
+                policy,
+                clock=clock,
+                redact=self.redact,
+                recorders=recorders,
+                on_transition=[self._breaker_changed],
+            )
         self.stack = stack
         self.breaker = breaker
         self.deadline_s = policy.deadline_s or settings.deadline_s
@@ -208,6 +251,9 @@ class ClassifierService:
     ) -> Outcome:
         """Validate, classify, and say what to do with the message.
 
+        Every log line written meanwhile carries ``subject`` (and ``event_id`` once known); the outcome is
+        counted in ``stats`` (and the metrics, when exported).
+
         Args:
             data: The payload as received.
             subject: Where it arrived.
@@ -217,16 +263,49 @@ class ClassifierService:
             retry: ``False`` turns in-process retries off for this call (e.g. when retrying after a pause).
         """
         started = self.clock.now()
+        tokens = structlog.contextvars.bind_contextvars(subject=subject, event_id=None)
+        call: Call | None = None
+        try:
+            outcome, call = await self._handle(data, subject, headers, delivery, retry, started)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+        self._count(outcome, subject, call, self.clock.now() - started)
+        return outcome
+
+    def _count(self, outcome: Outcome, subject: str, call: Call | None, latency_s: float) -> None:
+        if isinstance(outcome, Answered):
+            kind, error_type = ("stored" if outcome.stored else "answered"), None
+        elif isinstance(outcome, DeadLettered):
+            kind, error_type = "dead_letter", outcome.dead.error_type
+        else:
+            kind, error_type = "redelivered", None
+        self.stats.event_finished(outcome=kind, latency_s=latency_s, call=call, error_type=error_type)
+        if self.metrics is not None:
+            self.metrics.event_finished(outcome=kind, subject=subject, call=call, error_type=error_type)
+
+    def _breaker_changed(self, key: str, old: Any, new: Any) -> None:
+        self.stats.breaker_changed(key, new.value)
+        if self.metrics is not None:
+            self.metrics.breaker_changed(key, old.value, new.value)
+
+    async def _handle(
+        self,
+        data: bytes,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        delivery: int,
+        retry: bool,
+        started: float,
+    ) -> tuple[Outcome, Call | None]:
         event_or_dead = self.validate(data, subject=subject, delivery=delivery)
         if isinstance(event_or_dead, DeadLetter):
-            return DeadLettered(event_or_dead)
+            return DeadLettered(event_or_dead), None
         event = event_or_dead
+        structlog.contextvars.bind_contextvars(event_id=event.id)
         if (stored := await self.results.get(event.id)) is not None:
-            log.info(
-                "already answered; no model call", event_id=event.id, delivery=delivery, published=stored.published
-            )
+            log.info("already answered; no model call", delivery=delivery, published=stored.published)
             envelope = ResultEnvelope[TaskClassification].model_validate_json(stored.envelope)
-            return Answered(envelope, stored=True, published=stored.published)
+            return Answered(envelope, stored=True, published=stored.published), None
         call = Call(
             event=event,
             subject=subject,
@@ -241,7 +320,7 @@ class ClassifierService:
         try:
             output = await self.stack(call)
         except (AllCandidatesFailed, NoCandidates) as exc:
-            return await self._failed(exc, call, data, subject, delivery)
+            return await self._failed(exc, call, data, subject, delivery), call
         envelope = ResultEnvelope[TaskClassification](
             event_id=event.id,
             result=output,
@@ -255,7 +334,7 @@ class ClassifierService:
             decisions=[self._redacted(d) for d in call.decisions],
         )
         await self.results.put(event.id, StoredResult(envelope.model_dump_json().encode(), published=False))
-        return Answered(envelope)
+        return Answered(envelope), call
 
     async def published(self, envelope: ResultEnvelope[TaskClassification]) -> None:
         """Record that the output stream confirmed this result: a redelivery will only ack."""
@@ -409,7 +488,7 @@ class ClassifierService:
                 pause_s=hint,
                 error=self.redact(describe(exc)),
             )
-            return Redeliver(delay, self.redact(describe(exc)), pause_s=hint)
+            return Redeliver(delay, self.redact(describe(exc)), pause_s=hint, event_id=event.id)
         error_type = "exhausted" if transient else "failed"
         reason = (
             f"every candidate failed after {delivery} deliveries" if transient else "every candidate failed permanently"

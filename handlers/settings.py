@@ -6,6 +6,8 @@ Standard names where they exist (``NATS_URL``, ``OPENAI_API_KEY``...); everythin
 
 from __future__ import annotations
 
+import os
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -96,6 +98,8 @@ class Settings(BaseSettings):
     nats_store_dir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
+    trace_content: bool = False
+    budget_usd: float | None = Field(default=None, gt=0)
 
     @field_validator("policy")
     @classmethod
@@ -129,7 +133,13 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value known to the settings, for redaction."""
         secrets = (self.openai_api_key, self.anthropic_api_key, self.nats_token, self.nats_password)
-        return [s.get_secret_value() for s in secrets if s is not None]
+        values = [s.get_secret_value() for s in secrets if s is not None]
+        # OTLP exporter headers usually carry a collector's API key ("authorization=Bearer ...,x-api-key=...").
+        for signal in ("", "TRACES_", "METRICS_"):
+            for pair in os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}HEADERS", "").split(","):
+                value = urllib.parse.unquote(pair.partition("=")[2]).strip()
+                values += [value, *value.split()[1:]]  # "Bearer xyz": the whole value and the token alone
+        return [v for v in values if v]
 
 
 def env_name(field_name: str) -> str:

@@ -1,45 +1,169 @@
-"""OpenTelemetry: traces exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+"""OpenTelemetry: traces and metrics exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
 
-Spans: FastStream's messaging spans (``<subject> process`` / ``publish``, with W3C trace context carried in
-the message headers), the stack's ``stanchion.stack`` span with every decision as an event, and
-pydantic-ai's ``gen_ai`` spans for each model request (without prompt or answer content).
+Spans of one event, in one trace: the publisher's ``<subject> publish`` (``stanchion publish`` or
+``publish_traced``; W3C trace context in the NATS headers) → FastStream's ``<subject> process`` →
+``stanchion.stack`` (every decision as an event) → one ``stanchion.attempt <candidate>`` per model call →
+pydantic-ai's ``chat <model>`` (gen_ai attributes, tokens; no prompt or answer unless
+``STANCHION_TRACE_CONTENT``) — and, beside the stack, ``<output subject> publish`` for the result.
+
+The SDK reads the other standard variables itself: ``OTEL_TRACES_SAMPLER``/``_ARG``,
+``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_BSP_*``, ``OTEL_METRIC_EXPORT_INTERVAL``.
+Export runs on background threads with bounded queues: a collector that is down costs dropped spans,
+never a blocked or failed handler. Without an endpoint nothing is configured and nothing is paid.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from opentelemetry import trace
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.opentelemetry.baggage import Baggage
+from faststream.opentelemetry.middleware import BaseTelemetryMiddleware
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.propagate import inject
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.semconv.trace import SpanAttributes
+from opentelemetry.trace import SpanKind
+from opentelemetry.util.types import AttributeValue
 
 from handlers.settings import Settings
 
+SHUTDOWN_TIMEOUT_MS = 5000
 
-def configure_tracing(settings: Settings) -> TracerProvider | None:
-    """Install a global tracer provider exporting to the OTLP endpoint; ``None`` when no endpoint is set.
 
-    The exporter reads the standard ``OTEL_EXPORTER_OTLP_*`` variables itself (endpoint, headers, timeout).
-    Call ``shutdown()`` on the result at exit to flush.
+@dataclass(frozen=True)
+class Telemetry:
+    """The configured providers; ``shutdown()`` flushes what is left (bounded, even with the collector down)."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def shutdown(self) -> None:
+        self.tracer_provider.force_flush(SHUTDOWN_TIMEOUT_MS)
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown(SHUTDOWN_TIMEOUT_MS)
+
+
+_configured: Telemetry | None = None
+
+
+def configure_telemetry(settings: Settings) -> Telemetry | None:
+    """Install global tracer and meter providers exporting over OTLP/HTTP; ``None`` when no endpoint is set.
+
+    Idempotent within a process. Call ``shutdown()`` on the result at exit to flush.
     """
+    global _configured
     if not settings.otel_endpoint:
         return None
-    current = trace.get_tracer_provider()
-    if isinstance(current, TracerProvider):  # already configured in this process
-        return current
+    if _configured is not None:
+        return _configured
     resource = Resource.create({"service.name": settings.otel_service_name})
-    provider = TracerProvider(resource=resource)
-    # The endpoint may come from .env, which the exporter does not read: hand it over (the signal-specific
-    # OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set in the environment, still wins).
-    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or settings.otel_endpoint.rstrip("/") + "/v1/traces"
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    trace.set_tracer_provider(provider)
-    return provider
+    base = settings.otel_endpoint.rstrip("/")
+    # The endpoint may come from .env, which the exporters do not read: hand it over (the signal-specific
+    # OTEL_EXPORTER_OTLP_{TRACES,METRICS}_ENDPOINT, when set in the environment, still win).
+    traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or f"{base}/v1/traces"
+    metrics_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or f"{base}/v1/metrics"
+    tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint)))
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=metrics_endpoint))
+    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+    _configured = Telemetry(tracer_provider, meter_provider)
+    return _configured
 
 
 def current_trace_id() -> str | None:
     """The trace id of the current span, as 32 hex digits, if there is a real one."""
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else None
+
+
+def trace_headers(headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``headers`` plus the current W3C trace context (``traceparent``, ``tracestate``, baggage)."""
+    carrier = dict(headers or {})
+    inject(carrier)
+    return carrier
+
+
+async def publish_traced(
+    js: JetStreamContext, subject: str, payload: bytes, headers: Mapping[str, str] | None = None
+) -> PubAck:
+    """Publish to JetStream inside a ``<subject> publish`` producer span whose context travels in the headers,
+    so that the service's processing continues this trace. Without a configured tracer it is a plain publish.
+    """
+    tracer = trace.get_tracer("stanchion")
+    attributes: dict[str, AttributeValue] = {
+        SpanAttributes.MESSAGING_SYSTEM: "nats",
+        SpanAttributes.MESSAGING_DESTINATION_NAME: subject,
+        SpanAttributes.MESSAGING_OPERATION: "publish",
+        SpanAttributes.MESSAGING_MESSAGE_PAYLOAD_SIZE_BYTES: len(payload),
+    }
+    with tracer.start_as_current_span(f"{subject} publish", kind=SpanKind.PRODUCER, attributes=attributes):
+        return await js.publish(subject, payload, headers=trace_headers(headers))
+
+
+class _InHandlerPublishScope(BaseTelemetryMiddleware[Any]):
+    """FastStream's telemetry middleware, with publishing from inside a handler parented to the handler's span.
+
+    FastStream (0.7) publishes from a handler under an extra ``create`` span, or, from the handler's own
+    middleware, re-injects the *incoming* message's context into the outgoing headers. Here a publish made
+    while a span is current is a direct child of that span (the ``process`` span), and its headers carry the
+    publish span, so that a consumer of the result continues from the publish that produced it.
+    """
+
+    async def publish_scope(self, call_next: Any, msg: Any) -> Any:
+        provider = getattr(self, "_BaseTelemetryMiddleware__settings_provider", None)
+        parent = trace.get_current_span()
+        if provider is None or not parent.is_recording() or len(msg.batch_bodies) > 1:
+            return await super().publish_scope(call_next, msg)
+        headers = msg.headers
+        baggage: Baggage | None = self.context.get_local("baggage")
+        if baggage:
+            headers.update(baggage.to_headers())
+        destination = provider.get_publish_destination_name(msg)
+        attributes = provider.get_publish_attrs_from_cmd(msg)
+        metric_attributes = {
+            SpanAttributes.MESSAGING_SYSTEM: provider.messaging_system,
+            SpanAttributes.MESSAGING_DESTINATION_NAME: destination,
+        }
+        started = time.perf_counter()
+        try:
+            with self._tracer.start_as_current_span(
+                f"{destination} publish", kind=SpanKind.PRODUCER, attributes=attributes
+            ) as span:
+                span.set_attribute(SpanAttributes.MESSAGING_OPERATION, "publish")
+                inject(headers, context=otel_context.get_current())
+                msg.headers = headers
+                return await call_next(msg)
+        except Exception as exc:
+            metric_attributes["error.type"] = type(exc).__name__
+            raise
+        finally:
+            self._metrics.observe_publish(metric_attributes, time.perf_counter() - started, 1)
+
+
+class TelemetryMiddleware(NatsTelemetryMiddleware):
+    """``NatsTelemetryMiddleware`` with the result publish parented to the processing span (see above)."""
+
+    def __call__(self, msg: Any | None, /, *, context: Any) -> BaseTelemetryMiddleware[Any]:
+        return _InHandlerPublishScope(
+            msg,
+            tracer=self._tracer,
+            metrics_container=self._metrics,
+            settings_provider_factory=self._settings_provider_factory,
+            context=context,
+        )

@@ -22,6 +22,7 @@ from middleware.errors import (
     wait_hint,
 )
 from middleware.fallback import Fallback
+from middleware.observe import AttemptRecord, AttemptRecorder, Observe
 from middleware.retry import Retry, RetryPolicy, stop_at_deadline, wait_retry_after
 from middleware.route import Route, RouteSpec, Rule
 from middleware.stack import Middleware, Next, Stack, Terminal
@@ -31,6 +32,8 @@ from middleware.tracing import Tracing
 __all__ = [
     "SYSTEM_CLOCK",
     "AllCandidatesFailed",
+    "AttemptRecord",
+    "AttemptRecorder",
     "AttemptTimeout",
     "BreakerPolicy",
     "BreakerRecord",
@@ -49,6 +52,7 @@ __all__ = [
     "Middleware",
     "Next",
     "NoCandidates",
+    "Observe",
     "Retry",
     "RetryPolicy",
     "Route",

@@ -60,6 +60,7 @@ class Fallback(Generic[R]):
                 f"{len(errors)} candidate(s) failed; the heuristic answers",
                 model=self.heuristic_name,
             )
+            log.warning("degraded: the heuristic answers", route=call.route, failed=len(errors))
             result = await self.heuristic(call)
             call.served_by = self.heuristic_name
             call.degraded = True

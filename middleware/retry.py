@@ -20,7 +20,7 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
 from middleware.call import Call
-from middleware.errors import describe, is_transient, wait_hint
+from middleware.errors import describe, failure_kind, is_transient, wait_hint
 from middleware.stack import Next
 
 R = TypeVar("R")
@@ -110,6 +110,7 @@ class Retry:
                 "retry",
                 describe(exc) if exc else "",
                 attempt=state.attempt_number,
+                failure=failure_kind(exc).value if exc else "",
                 wait_s=round(state.upcoming_sleep, 3),
             )
 

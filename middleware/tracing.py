@@ -1,4 +1,8 @@
-"""Tracing: one OpenTelemetry span around the stack, with every decision as a span event."""
+"""Tracing: one OpenTelemetry span around the stack, with every decision as a span event.
+
+The decisions' data become the events' attributes: the route and its candidates, each retry's attempt,
+failure category and wait, breaker states and rejections, fallback steps, the degraded answer, timeouts.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from typing import TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, Tracer
+from opentelemetry.util.types import AttributeValue
 
+from contracts import Decision
 from middleware.call import Call
 from middleware.errors import describe
 from middleware.stack import Next
@@ -50,14 +56,7 @@ class Tracing:
                 raise
             finally:
                 for decision in call.decisions:
-                    span.add_event(
-                        decision.kind,
-                        {
-                            "model": decision.model or "",
-                            "detail": self.redact(decision.detail),
-                            "at_ms": decision.at_ms,
-                        },
-                    )
+                    span.add_event(decision.kind, self._event_attributes(decision))
                 span.set_attributes(
                     {
                         "stanchion.route": call.route,
@@ -71,4 +70,24 @@ class Tracing:
                 )
                 if call.cost_usd is not None:
                     span.set_attribute("stanchion.cost_usd", call.cost_usd)
+                if call.deadline is not None:
+                    span.set_attribute("stanchion.deadline_ms", round((call.deadline - call.started_at) * 1000, 3))
             return result
+
+    def _event_attributes(self, decision: Decision) -> dict[str, AttributeValue]:
+        """The decision as span-event attributes: model, detail, time, and its data (scalars and lists of them)."""
+        attributes: dict[str, AttributeValue] = {
+            "model": decision.model or "",
+            "detail": self.redact(decision.detail),
+            "at_ms": decision.at_ms,
+        }
+        for key, value in decision.data.items():
+            if isinstance(value, str):
+                attributes[key] = self.redact(value)
+            elif isinstance(value, bool | int | float):
+                attributes[key] = value
+            elif isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                attributes[key] = [self.redact(v) for v in value]
+            elif value is not None:
+                attributes[key] = self.redact(str(value))
+        return attributes

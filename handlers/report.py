@@ -1,0 +1,197 @@
+"""The production report: every running replica's statistics, gathered over NATS, and their sum.
+
+Each service process registers a NATS micro service named ``stanchion`` (the NATS services convention:
+``$SRV.PING|INFO|STATS.stanchion``) with a ``stats`` endpoint whose data is its ``ServiceStats``.
+``stanchion report`` sends one ``$SRV.STATS.stanchion`` request, collects every reply for a moment, keeps
+the replicas of one deployment (same durable consumer), and prints per model and overall figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service, ServiceConfig
+from rich.console import Console, Group
+from rich.table import Table
+
+from handlers.stats import ModelStats, ServiceStats
+
+SERVICE_NAME = "stanchion"
+VERSION = "0.1.0"
+
+
+async def register(nc: Client, stats: ServiceStats, *, durable: str, input_subject: str) -> Service:
+    """Announce this process as a ``stanchion`` micro service whose STATS carry ``stats``."""
+
+    def stats_data(_: EndpointStats) -> dict[str, Any]:
+        return stats.to_dict()
+
+    service = await add_service(
+        nc,
+        ServiceConfig(
+            name=SERVICE_NAME,
+            version=VERSION,
+            description="Classifies TaskEvents with typed LLM agents behind a reliability stack.",
+            metadata={"durable": durable, "input_subject": input_subject, "host": stats.host, "pid": str(stats.pid)},
+            stats_handler=stats_data,
+        ),
+    )
+    stats.replica = service.id
+
+    async def reply(request: Request) -> None:
+        await request.respond(json.dumps(stats.to_dict()).encode())
+
+    # Every replica answers its own queue group: a request on the subject gets one reply per replica.
+    await service.add_endpoint(
+        name="stats", subject=f"stanchion.stats.{durable}", queue_group=f"stats-{service.id}", handler=reply
+    )
+    return service
+
+
+async def gather(nc: Client, *, durable: str | None, wait_s: float = 1.0) -> list[ServiceStats]:
+    """Every replica's statistics (of the deployment using ``durable``; all when ``None``), oldest first."""
+    replies: list[dict[str, Any]] = []
+
+    async def collect(msg: Msg) -> None:
+        try:
+            replies.append(json.loads(msg.data))
+        except ValueError:
+            return
+
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.publish(f"$SRV.STATS.{SERVICE_NAME}", b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(wait_s)
+    finally:
+        await subscription.unsubscribe()
+    found: list[ServiceStats] = []
+    for reply in replies:
+        if durable is not None and (reply.get("metadata") or {}).get("durable") != durable:
+            continue
+        for endpoint in reply.get("endpoints") or []:
+            if endpoint.get("name") == "stats" and isinstance(endpoint.get("data"), dict):
+                found.append(ServiceStats.from_dict(endpoint["data"]))
+    return sorted(found, key=lambda s: (s.started_at, s.replica))
+
+
+def combine(replicas: list[ServiceStats]) -> ServiceStats:
+    total = ServiceStats(replica="all", replicas=0)
+    for replica in replicas:
+        total.merge(replica)
+    return total
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _pct(part: int, whole: int) -> str:
+    return "-" if whole == 0 else f"{100 * part / whole:.1f}%"
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "$0" if value == 0 else f"${value:,.6f}" if value < 1 else f"${value:,.2f}"
+
+
+def _model_row(name: str, stats: ModelStats) -> list[str]:
+    latency = stats.latency
+    errors = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.errors.items())) or "-"
+    average = stats.cost_usd / stats.priced_calls if stats.priced_calls else None
+    return [
+        name,
+        stats.model,
+        str(stats.calls),
+        _pct(stats.ok, stats.calls),
+        _ms(latency.percentile(0.5)),
+        _ms(latency.percentile(0.95)),
+        _ms(latency.percentile(0.99)),
+        f"{stats.input_tokens}/{stats.output_tokens}",
+        _usd(average),
+        _usd(stats.cost_usd if stats.priced_calls else None),
+        errors,
+    ]
+
+
+def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Group:
+    """One replica's (or the sum's) figures: a row per model, then the event-level summary."""
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "candidate",
+        "model",
+        "calls",
+        "success",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "tokens in/out",
+        "avg cost/call",
+        "cost",
+        "errors",
+    ):
+        table.add_column(column, justify="left" if column in ("candidate", "model", "errors") else "right")
+    for name, model in sorted(stats.models.items()):
+        table.add_row(*_model_row(name, model))
+    calls = stats.model_calls
+    ok = sum(m.ok for m in stats.models.values())
+    priced = sum(m.priced_calls for m in stats.models.values())
+    table.add_row(
+        "all models",
+        "",
+        str(calls),
+        _pct(ok, calls),
+        "",
+        "",
+        "",
+        f"{sum(m.input_tokens for m in stats.models.values())}/{sum(m.output_tokens for m in stats.models.values())}",
+        _usd(stats.cost_usd / priced if priced else None),
+        _usd(stats.cost_usd if priced else None),
+        "",
+        style="bold",
+    )
+    finished = stats.answered + sum(stats.dead_letters.values())
+    dead = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.dead_letters.items())) or "0"
+    breakers = ", ".join(f"{name} {state}" for name, state in sorted(stats.breakers.items())) or "all closed"
+    cost = stats.cost_usd
+    budget = (
+        f"{_usd(cost)} of {_usd(budget_usd)} budget ({100 * cost / budget_usd:.1f}%)"
+        if budget_usd
+        else f"{_usd(cost)} (no budget set: STANCHION_BUDGET_USD)"
+    )
+    latency = stats.latency
+    lines = [
+        f"events: {stats.events} handled, {stats.answered} answered "
+        f"(success {_pct(stats.answered, finished)}), {stats.degraded} degraded "
+        f"({_pct(stats.degraded, stats.answered)}), dead letters {dead}, {stats.redelivered} redelivered, "
+        f"{stats.from_store} answered from the result store",
+        f"event latency: p50 {_ms(latency.percentile(0.5))} ms, p95 {_ms(latency.percentile(0.95))} ms, "
+        f"p99 {_ms(latency.percentile(0.99))} ms",
+        f"retries {stats.retries}; fallbacks {stats.fallbacks}, in {stats.fell_back} events "
+        f"(fallback rate {_pct(stats.fell_back, stats.events)}); breakers: {breakers}",
+        f"cost: {budget}",
+    ]
+    return Group(table, *lines)
+
+
+def render(replicas: list[ServiceStats], console: Console, budget_usd: float | None) -> None:
+    """Each replica's figures, then the combined table."""
+    if not replicas:
+        console.print("no running stanchion service answered")
+        return
+    now = time.time()
+    for stats in replicas:
+        title = f"replica {stats.replica} ({stats.host} pid {stats.pid}, up {now - stats.started_at:,.0f} s)"
+        console.print(stats_table(stats, title, budget_usd))
+        console.print()
+    if len(replicas) > 1:
+        console.print(stats_table(combine(replicas), f"combined: {len(replicas)} replicas", budget_usd))

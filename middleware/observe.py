@@ -1,0 +1,132 @@
+"""Observe: one record, and optionally one span, per model call the stack makes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from contracts import Usage
+from middleware.call import Call, Candidate
+from middleware.errors import describe, failure_kind
+from middleware.stack import Next
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One model call as the stack saw it.
+
+    ``outcome`` is ``"ok"`` or the failure's category (``transient``, ``permanent``, ``rejected``...).
+    Usage and cost are those the call added (zero when the provider failed before reporting any).
+    """
+
+    candidate: str
+    model: str
+    route: str
+    attempt: int
+    delivery: int
+    outcome: str
+    latency_s: float
+    usage: Usage
+    cost_usd: float | None
+    error: str | None = None
+
+
+class AttemptRecorder(Protocol):
+    def attempt_finished(self, call: Call, record: AttemptRecord) -> None: ...
+
+
+def candidate_name(candidate: Candidate) -> str:
+    return candidate.name
+
+
+@dataclass(frozen=True)
+class Observe:
+    """Records each candidate attempt that reaches the model: its latency, outcome, usage and cost.
+
+    Put it right inside the circuit breaker (a rejected call makes no model call, so it is not an
+    attempt). Every recorder gets an ``AttemptRecord``; with a tracer, the attempt also gets its own
+    span (``stanchion.attempt <candidate>``) carrying the decisions made inside it (e.g. a timeout) and,
+    on failure, the error and its category.
+
+    Args:
+        recorders: Told about every attempt (logs, metrics, statistics).
+        tracer: Opens a span per attempt; ``None`` for none.
+        model_of: The model's name for a candidate (default: the candidate's name).
+        redact: Applied to error texts.
+    """
+
+    recorders: Sequence[AttemptRecorder] = ()
+    tracer: Tracer | None = None
+    model_of: Callable[[Candidate], str] = candidate_name
+    redact: Callable[[str], str] = str
+
+    async def __call__(self, call: Call, call_next: Next[R]) -> R:
+        if self.tracer is None:
+            return await self._observe(call, call_next)
+        name = call.candidate.name if call.candidate else "?"
+        with self.tracer.start_as_current_span(
+            f"stanchion.attempt {name}",
+            kind=SpanKind.INTERNAL,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            decided = len(call.decisions)
+            try:
+                return await self._observe(call, call_next)
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, self.redact(describe(exc))))
+                span.set_attributes(
+                    {
+                        "error.type": type(exc).__name__,
+                        "stanchion.failure": failure_kind(exc).value,
+                    }
+                )
+                span.add_event(
+                    "exception",
+                    {"exception.type": type(exc).__name__, "exception.message": self.redact(describe(exc))},
+                )
+                raise
+            finally:
+                for decision in call.decisions[decided:]:
+                    span.add_event(decision.kind, {"detail": self.redact(decision.detail), "at_ms": decision.at_ms})
+                span.set_attributes(
+                    {
+                        "stanchion.candidate": name,
+                        "stanchion.model": self.model_of(call.candidate) if call.candidate else "",
+                        "stanchion.route": call.route,
+                        "stanchion.attempt": call.attempt or 1,
+                        "stanchion.delivery": call.delivery,
+                    }
+                )
+
+    async def _observe(self, call: Call, call_next: Next[R]) -> R:
+        usage_before, cost_before = call.usage, call.cost_usd
+        started = call.clock.now()
+        outcome, error = "ok", None
+        try:
+            return await call_next(call)
+        except Exception as exc:
+            outcome, error = failure_kind(exc).value, self.redact(describe(exc))
+            raise
+        finally:
+            if self.recorders and call.candidate is not None:
+                cost = None if call.cost_usd is None else call.cost_usd - (cost_before or 0.0)
+                record = AttemptRecord(
+                    candidate=call.candidate.name,
+                    model=self.model_of(call.candidate),
+                    route=call.route,
+                    attempt=call.attempt or 1,
+                    delivery=call.delivery,
+                    outcome=outcome,
+                    latency_s=call.clock.now() - started,
+                    usage=call.usage - usage_before,
+                    cost_usd=cost,
+                    error=error,
+                )
+                for recorder in self.recorders:
+                    recorder.attempt_finished(call, record)
