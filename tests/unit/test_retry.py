@@ -171,7 +171,10 @@ async def test_each_retry_is_recorded_as_a_decision() -> None:
 
     assert [d.kind for d in call.decisions] == ["retry", "retry"]
     assert [d.model for d in call.decisions] == ["primary", "primary"]
-    assert [d.data for d in call.decisions] == [{"attempt": 1, "wait_s": 1.0}, {"attempt": 2, "wait_s": 1.0}]
+    assert [d.data for d in call.decisions] == [
+        {"attempt": 1, "failure": "transient", "wait_s": 1.0},
+        {"attempt": 2, "failure": "transient", "wait_s": 1.0},
+    ]
     assert call.decisions[0].detail.startswith("ModelRateLimitError: status_code: 429")
     assert call.decisions[1].detail.startswith("ModelServerError: status_code: 503")
     assert [d.at_ms for d in call.decisions] == [0.0, 1000.0]

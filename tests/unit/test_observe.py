@@ -1,0 +1,131 @@
+"""Observe: one record (and span) per model call, inside Retry and the breaker, with usage, cost and outcome."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from tenacity import stop_after_attempt, wait_fixed
+
+from contracts import Usage
+from middleware import (
+    AttemptRecord,
+    Call,
+    Candidate,
+    CircuitBreaker,
+    FakeClock,
+    Fallback,
+    Observe,
+    Retry,
+    RetryPolicy,
+    Route,
+    RouteSpec,
+    Stack,
+    Terminal,
+)
+from tests.unit.fakes import server_error, unauthorized
+
+
+class Records:
+    def __init__(self) -> None:
+        self.records: list[AttemptRecord] = []
+
+    def attempt_finished(self, call: Call, record: AttemptRecord) -> None:
+        self.records.append(record)
+
+
+def stack_with(observe: Observe, terminal: Terminal[str], clock: FakeClock) -> Stack[str]:
+    routes = {"default": RouteSpec((Candidate("fast"), Candidate("backup")), heuristic=False)}
+    return Stack(
+        [
+            Route(routes),
+            Fallback(),
+            Retry(RetryPolicy(stop=stop_after_attempt(2), wait=wait_fixed(0.5))),
+            CircuitBreaker(clock=clock),
+            observe,
+        ],
+        terminal,
+    )
+
+
+async def test_each_model_call_is_one_record_with_its_own_usage_latency_and_outcome() -> None:
+    """fast: 503 then 401 (retried once, then permanent); backup answers. Three records, in order, each with
+    the usage and cost its call added, its latency on the call's clock, and its outcome category."""
+    clock = FakeClock()
+    records = Records()
+    outcomes: dict[str, list[str | Exception]] = {"fast": [server_error(), unauthorized()], "backup": ["answer"]}
+
+    async def terminal(call: Call) -> str:
+        assert call.candidate is not None
+        await clock.sleep(0.25)
+        outcome = outcomes[call.candidate.name].pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        call.add_usage(Usage(input_tokens=100, output_tokens=10, requests=1), 0.002)
+        return outcome
+
+    observe = Observe(recorders=[records], model_of=lambda c: f"model-of-{c.name}")
+    call = Call(event=None, clock=clock)
+    call.add_usage(Usage(input_tokens=7, output_tokens=7, requests=1), 0.5)  # spent before: not this call's
+    assert await stack_with(observe, terminal, clock)(call) == "answer"
+
+    assert [(r.candidate, r.model, r.attempt, r.outcome) for r in records.records] == [
+        ("fast", "model-of-fast", 1, "transient"),
+        ("fast", "model-of-fast", 2, "permanent"),
+        ("backup", "model-of-backup", 1, "ok"),
+    ]
+    assert [r.latency_s for r in records.records] == [0.25, 0.25, 0.25]
+    assert [r.usage.input_tokens for r in records.records] == [0, 0, 100]
+    assert records.records[2].cost_usd == pytest.approx(0.002)
+    assert records.records[0].error is not None and "503" in records.records[0].error
+    assert records.records[2].error is None
+
+
+async def test_a_rejected_call_is_no_model_call() -> None:
+    """With the breaker open, the candidate is never called, and nothing is recorded for it."""
+    clock = FakeClock()
+    records = Records()
+
+    async def failing(call: Call) -> str:
+        raise server_error()
+
+    breaker = CircuitBreaker(clock=clock)
+    await breaker.force_open("fast")
+    observe = Observe(recorders=[records])
+    stack: Stack[str] = Stack([breaker, observe], failing)
+    call = Call(event=None, clock=clock)
+    call.candidate = Candidate("fast")
+    with pytest.raises(Exception, match="open"):
+        await stack(call)
+    assert records.records == []
+
+
+async def test_with_a_tracer_each_attempt_is_a_span_the_failed_one_with_its_redacted_error() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    clock = FakeClock()
+    outcomes: list[object] = [RuntimeError("refused sk-secret-key"), "answer"]
+
+    async def terminal(call: Call) -> str:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return str(outcome)
+
+    observe = Observe(tracer=provider.get_tracer("t"), redact=lambda text: text.replace("sk-secret-key", "***"))
+    call = Call(event=None, clock=clock)
+    call.candidate = Candidate("fast")
+    with pytest.raises(RuntimeError):
+        await observe(call, terminal)
+    assert await observe(call, terminal) == "answer"
+    failed, ok = exporter.get_finished_spans()
+    assert failed.name == ok.name == "stanchion.attempt fast"
+    assert failed.status.status_code is StatusCode.ERROR
+    assert "sk-secret-key" not in (failed.status.description or "") and "***" in (failed.status.description or "")
+    assert dict(failed.attributes or {})["stanchion.failure"] == "permanent"  # an unknown error is not retried
+    assert [e.name for e in failed.events] == ["exception"]
+    assert ok.status.status_code is StatusCode.UNSET
+    assert "stanchion.failure" not in dict(ok.attributes or {})

@@ -1,0 +1,138 @@
+"""Rolling statistics: percentiles within a bucket of the exact ones, exact merges, bounded memory."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+
+import pytest
+import structlog
+from rich.console import Console
+
+from contracts import Usage
+from handlers.logs import configure_logging
+from handlers.report import combine, render
+from handlers.settings import Settings
+from handlers.stats import Histogram, ServiceStats
+from middleware import AttemptRecord, Call
+
+
+def exact(values: list[float], q: float) -> float:
+    """The nearest-rank percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def test_histogram_percentiles_are_within_five_percent_of_the_exact_ones() -> None:
+    rng = random.Random(7)
+    values = [rng.lognormvariate(4, 1.2) for _ in range(20_000)]  # ms, long-tailed like model latencies
+    histogram = Histogram()
+    for value in values:
+        histogram.add(value)
+    for q in (0.5, 0.95, 0.99):
+        got = histogram.percentile(q)
+        assert got is not None
+        assert exact(values, q) <= got <= exact(values, q) * 1.05 + 1e-9, q
+    assert histogram.count == len(values)
+    assert len(histogram.buckets) < 400  # bounded by range, not by traffic
+
+
+def test_merging_histograms_equals_one_histogram_of_everything() -> None:
+    rng = random.Random(3)
+    a, b, both = Histogram(), Histogram(), Histogram()
+    for i in range(5000):
+        value = rng.expovariate(1 / 200)
+        (a if i % 3 else b).add(value)
+        both.add(value)
+    a.merge(Histogram.from_dict(json.loads(json.dumps(b.to_dict()))))
+    assert a.buckets == both.buckets and a.count == both.count
+    assert [a.percentile(q) for q in (0.5, 0.95, 0.99)] == [both.percentile(q) for q in (0.5, 0.95, 0.99)]
+
+
+def test_an_empty_histogram_has_no_percentiles() -> None:
+    assert Histogram().percentile(0.5) is None
+
+
+def record(candidate: str, outcome: str, latency_s: float, cost: float | None = 0.001) -> AttemptRecord:
+    return AttemptRecord(
+        candidate=candidate,
+        model=f"openai:{candidate}",
+        route="default",
+        attempt=1,
+        delivery=1,
+        outcome=outcome,
+        latency_s=latency_s,
+        usage=Usage(input_tokens=100, output_tokens=20, requests=1) if outcome == "ok" else Usage(),
+        cost_usd=cost if outcome == "ok" else None,
+    )
+
+
+def replica(name: str, ok_calls: int, failed_calls: int) -> ServiceStats:
+    stats = ServiceStats(replica=name, started_at=1.0)
+    call = Call(event=None)
+    for _ in range(ok_calls):
+        stats.attempt_finished(call, record("fast", "ok", 0.2))
+        stats.event_finished(outcome="answered", latency_s=0.25, call=call)
+    degraded = Call(event=None)
+    degraded.degraded = True
+    degraded.decide("fallback", "503", model="fast")
+    for _ in range(failed_calls):
+        stats.attempt_finished(degraded, record("fast", "transient", 1.0))
+        stats.event_finished(outcome="answered", latency_s=1.1, call=degraded)
+    stats.event_finished(outcome="dead_letter", latency_s=0.0, error_type="poison.json")
+    stats.breaker_changed("fast", "open" if failed_calls else "closed")
+    return stats
+
+
+def test_replicas_merge_into_sums_and_the_worst_breaker_state() -> None:
+    a, b = replica("a", ok_calls=30, failed_calls=10), replica("b", ok_calls=50, failed_calls=0)
+    wire = [ServiceStats.from_dict(json.loads(json.dumps(s.to_dict()))) for s in (a, b)]  # as over NATS
+    total = combine(wire)
+    assert total.replicas == 2
+    assert total.answered == 90 and total.degraded == 10 and total.dead_letters == {"poison.json": 2}
+    fast = total.models["fast"]
+    assert (fast.calls, fast.ok, dict(fast.errors)) == (90, 80, {"transient": 10})
+    assert fast.input_tokens == 8000 and abs(fast.cost_usd - 0.08) < 1e-9 and fast.priced_calls == 80
+    assert total.fallbacks == 10 and total.fell_back == 10
+    assert total.breakers == {"fast": "open"}
+    assert 200 <= (fast.latency.percentile(0.5) or 0) <= 210
+    assert (fast.latency.percentile(0.95) or 0) >= 1000
+
+
+def test_the_report_prints_each_replica_then_the_sum_against_the_budget() -> None:
+    a, b = replica("aaa", ok_calls=3, failed_calls=1), replica("bbb", ok_calls=5, failed_calls=0)
+    buffer = io.StringIO()
+    render([a, b], Console(file=buffer, width=200), budget_usd=0.02)
+    text = buffer.getvalue()
+    assert "replica aaa" in text and "replica bbb" in text and "combined: 2 replicas" in text
+    combined = text.split("combined:")[1]
+    assert "$0.008000 of $0.020000 budget (40.0%)" in combined
+    assert "9 answered" in combined and "1 degraded" in combined
+
+
+def test_log_lines_mask_secret_fields_and_known_secrets() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    configure_logging("info", "json", ["sk-known-secret-123"])
+    try:
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        log = structlog.get_logger("t")
+        log.info("calling", api_key="abc-unknown", nats_token="t0ken", input_tokens=12, detail="sk-known-secret-123!")
+        logging.getLogger("foreign").warning("stdlib line with sk-known-secret-123")
+    finally:
+        root.handlers[:], root.level = handlers, level
+        structlog.reset_defaults()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["api_key"] == "***" and first["nats_token"] == "***"
+    assert first["input_tokens"] == 12 and first["detail"] == "***!"
+    assert "sk-known-secret-123" not in second["event"] and "stdlib line with ***" in second["event"]
+
+
+def test_otlp_header_values_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20collector-token-xyz,x-team=abc123")
+    secrets = Settings(nats_url="nats://127.0.0.1:1").secrets()
+    assert "collector-token-xyz" in secrets and "Bearer collector-token-xyz" in secrets and "abc123" in secrets
