@@ -8,6 +8,7 @@ lane's input subject and counts the result envelopes that come back on its outpu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import itertools
 import json
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 STANCHION = str(Path(sys.executable).parent / "stanchion")
 _names = itertools.count()
 _rounds = itertools.count()
+PIDS: dict[str, int] = {}
+"""Helper processes by what they are (a provider by its base URL, ``"nats-server"``), for CPU accounting."""
 
 
 # -- figures and the report ---------------------------------------------------------------------
@@ -175,7 +178,9 @@ def provider(latency_s: float = 0.0, always: str = "ok") -> Iterator[str]:
         line = process.stdout.readline().decode()
         if not line.startswith("PORT "):
             raise RuntimeError(f"bench.provider did not start: {line!r}")
-        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
+        url = f"http://127.0.0.1:{int(line.split()[1])}/v1"
+        PIDS[url] = process.pid
+        yield url
     finally:
         stop_process(process)
 
@@ -238,6 +243,7 @@ class Service:
 
     settings: Settings
     processes: list[subprocess.Popen[bytes]]
+    logs: list[Path]
 
     @property
     def pids(self) -> list[int]:
@@ -246,24 +252,92 @@ class Service:
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.processes)
 
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(
+            line for log in self.logs if log.exists() for line in log.read_text(errors="replace").splitlines()[-lines:]
+        )
+
+
+PY_SPY = Path(sys.executable).parent / "py-spy"
+
 
 @contextmanager
-def services(settings: Settings, workdir: Path, *, replicas: int = 1, **env: str) -> Iterator[Service]:
-    """Start ``replicas`` `stanchion run` processes sharing the lane's durable; stop them by PID after."""
+def services(
+    settings: Settings, workdir: Path, *, replicas: int = 1, profile: Path | None = None, **env: str
+) -> Iterator[Service]:
+    """Start ``replicas`` `stanchion run` processes sharing the lane's durable; stop them by PID after.
+
+    ``profile``: run the (single) service under ``py-spy record`` writing collapsed stacks there; ``pids``
+    are then py-spy's, and stopping the service (its child) writes the profile.
+    """
+    command = [STANCHION, "run"]
+    if profile is not None:
+        command = [str(PY_SPY), "record", "--gil", "-r", "250", "-f", "raw", "-o", str(profile), "--", *command]
     processes: list[subprocess.Popen[bytes]] = []
+    logs = [workdir / f"{settings.durable}-{i}.log" for i in range(replicas)]
     try:
-        for i in range(replicas):
-            log = open(workdir / f"{settings.durable}-{i}.log", "ab")  # noqa: SIM115 - the child owns it
+        for path in logs:
+            log = open(path, "ab")  # noqa: SIM115 - the child owns it
             processes.append(
-                subprocess.Popen(
-                    [STANCHION, "run"], env=service_env(settings, **env), cwd=workdir, stdout=log, stderr=log
-                )
+                subprocess.Popen(command, env=service_env(settings, **env), cwd=workdir, stdout=log, stderr=log)
             )
             log.close()
-        yield Service(settings, processes)
+        yield Service(settings, processes, logs)
     finally:
         for process in processes:
             stop_process(process)
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+PROFILE_GROUPS = (
+    ("pydantic-ai agent run", ("(pydantic_ai/", "(pydantic_graph/")),
+    ("OpenAI SDK + httpx (HTTP client)", ("(openai/", "(httpx/", "(httpcore/", "(h11/")),
+    ("FastStream", ("(faststream/",)),
+    ("nats-py", ("(nats/",)),
+    ("stanchion middleware", ("(middleware/",)),
+    ("stanchion handlers", ("(handlers/",)),
+    ("result store (NATS KV)", ("(handlers/results.py", "(nats/js/kv.py")),
+    ("logging (structlog, logging)", ("(structlog/", "(logging/")),
+    ("pydantic (validation, serialisation)", ("(pydantic/", "(pydantic_core/")),
+    ("OpenTelemetry", ("(opentelemetry/",)),
+)
+
+
+def summarise_profile(path: Path, top: int = 10) -> str:
+    """py-spy collapsed stacks as Markdown: share of samples whose stack passes through each group, and the
+    functions most often on top of the stack."""
+    samples = 0
+    inclusive = dict.fromkeys((name for name, _ in PROFILE_GROUPS), 0)
+    own: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        for name, needles in PROFILE_GROUPS:
+            if any(needle in stack for needle in needles):
+                inclusive[name] += count
+        leaf = stack.rsplit(";", 1)[-1]
+        function, _, where = leaf.partition(" (")
+        leaf = f"{function} ({'/'.join(where.rstrip(')').split('/')[-2:])})"
+        own[leaf] = own.get(leaf, 0) + count
+    if not samples:
+        return "  - (no samples)"
+    lines = [
+        "  - share of samples holding the GIL whose stack passes through: "
+        + ", ".join(f"{name} {n / samples:.0%}" for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1]))
+    ]
+    for leaf, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  - on top of the stack {n / samples:.1%}: `{leaf}`")
+    return "\n".join(lines)
 
 
 def rss_kib(pid: int) -> int:
@@ -329,7 +403,7 @@ class Lane:
         async with asyncio.timeout(timeout):
             while True:
                 if service is not None and not service.alive():
-                    raise RuntimeError(f"a service process of {self.settings.durable} exited; see its log")
+                    raise RuntimeError(f"a service process of {self.settings.durable} exited:\n{service.log_tail()}")
                 try:
                     await js.consumer_info(self.settings.input_stream, self.settings.durable)
                     return

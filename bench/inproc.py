@@ -39,6 +39,7 @@ from handlers.agent import AgentTerminal, ModelTarget, build_agent, prompt
 from handlers.app import create_app, create_broker, raw_body
 from handlers.logs import configure_logging
 from handlers.policy import Policy
+from handlers.results import StoredResult
 from handlers.service import ClassifierService, build_stack
 from handlers.settings import Settings
 from middleware import Call, Candidate
@@ -203,6 +204,19 @@ async def reference_points(url: str, *, quick: bool) -> Report:
 # -- 1: overhead ----------------------------------------------------------------------------------
 
 
+class LocalResults:
+    """An in-process result store that ``create_app`` keeps (it swaps only ``InMemoryResultStore`` for NATS KV)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, StoredResult] = {}
+
+    async def get(self, event_id: str) -> StoredResult | None:
+        return self.items.get(event_id)
+
+    async def put(self, event_id: str, result: StoredResult) -> None:
+        self.items[event_id] = result
+
+
 def bare_app(settings: Settings, candidate: Candidate, terminal: AgentTerminal) -> NatsBroker:
     """A FastStream handler with the app's subscriber settings calling the agent terminal directly.
 
@@ -273,6 +287,13 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
     full_stack, breaker = build_stack(full_settings, POLICY, terminal=terminal, candidates={"fast": candidate})
     service = ClassifierService(full_settings, POLICY, stack=full_stack, breaker=breaker)
     full = create_app(full_settings, service, url=url)
+    # Diagnostic: the same app with the result store in this process instead of NATS KV.
+    local_settings = lane_settings(url, max_in_flight=16)
+    local_stack, local_breaker = build_stack(local_settings, POLICY, terminal=terminal, candidates={"fast": candidate})
+    local_service = ClassifierService(
+        local_settings, POLICY, stack=local_stack, breaker=local_breaker, results=LocalResults()
+    )
+    local = create_app(local_settings, local_service, url=url)
     bare_settings = lane_settings(url, max_in_flight=16)
     bare = bare_app(bare_settings, candidate, terminal)
     client = await nats.connect(url)
@@ -282,14 +303,21 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
             stack.push_async_callback(full.stop)
             await bare.start()
             stack.push_async_callback(bare.stop)
+            await local.start()
+            stack.push_async_callback(local.stop)
             full_lane = await Lane(client, full_settings).start()
             bare_lane = await Lane(client, bare_settings).start()
-            await full_lane.ready()
-            await bare_lane.ready()
-            await full_lane.burst(200)  # warm-up
-            await bare_lane.burst(200)
+            local_lane = await Lane(client, local_settings).start()
+            for lane in (full_lane, bare_lane, local_lane):
+                await lane.ready()
+                await lane.burst(200)  # warm-up
             values = await interleave(
-                [("bare", lambda: bare_lane.burst(n)), ("full", lambda: full_lane.burst(n))], rounds
+                [
+                    ("bare", lambda: bare_lane.burst(n)),
+                    ("full", lambda: full_lane.burst(n)),
+                    ("full, results in memory", lambda: local_lane.burst(n)),
+                ],
+                rounds,
             )
     finally:
         await client.close()
@@ -297,6 +325,12 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
     report.add("bare FastStream handler (events/s)", f"{median(values['bare']):.0f}", detail=spread(values["bare"]))
     report.add("full stack via create_app (events/s)", f"{median(values['full']):.0f}", detail=spread(values["full"]))
     report.add("ratio full / bare (through NATS)", f"{ratio:.3f}", "≥ 0.95", ratio >= 0.95)
+    local_rate = median(values["full, results in memory"])
+    report.add(
+        "diagnostic: full, result store in memory instead of NATS KV (events/s)",
+        f"{local_rate:.0f}",
+        detail=f"{spread(values['full, results in memory'])}; ratio to bare {local_rate / median(values['bare']):.3f}",
+    )
 
     full_svc, bare_svc = bench_stack.services()
     await bench_stack.throughput(full_svc, 200)
@@ -340,18 +374,37 @@ async def terminal_rate(terminal: Callable[[Call], Awaitable[TaskClassification]
     return n / wall, cpu / n * 1000
 
 
-def profile_summary(terminal: Callable[[Call], Awaitable[TaskClassification]], n: int, top: int = 12) -> str:
-    """Where the CPU goes: the top functions by own time under cProfile, as a Markdown list."""
+def _package(file: str) -> str:
+    """The package a profiled frame belongs to: site-packages' top level, the stdlib module, or builtins."""
+    path = Path(file)
+    if "site-packages" in path.parts:
+        return path.parts[path.parts.index("site-packages") + 1].removesuffix(".py")
+    if file.startswith("~") or file.startswith("<"):
+        return "(builtins)"
+    if "python3" in file and "site-packages" not in file:
+        return f"stdlib {path.parts[-2] if path.parent.name not in ('python3.11', 'python3.12') else path.stem}"
+    return path.parts[-2] if len(path.parts) > 1 else path.stem
+
+
+def profile_summary(terminal: Callable[[Call], Awaitable[TaskClassification]], n: int, top: int = 8) -> str:
+    """Where the CPU goes under cProfile: own time by package, and the functions with the most own time."""
     profiler = cProfile.Profile()
     profiler.enable()
     asyncio.run(terminal_rate(terminal, n))
     profiler.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(profiler, stream=out)
-    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
-    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]  # type: ignore[attr-defined]
-    lines = []
-    for (file, line, func), (_, calls, own, cumulative, _) in rows:
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values())
+    by_package: dict[str, float] = {}
+    for (file, _, _), (_, _, own, _, _) in raw.items():
+        by_package[_package(file)] = by_package.get(_package(file), 0.0) + own
+    packages = sorted(by_package.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    lines = [
+        "  - own time by package: "
+        + ", ".join(f"{name} {own / total:.0%}" for name, own in packages)
+        + f" (profiled total {total / n * 1000:.2f} ms per event)"
+    ]
+    for (file, line, func), (_, calls, own, cumulative, _) in sorted(raw.items(), key=lambda kv: -kv[1][2])[:top]:
         where = "/".join(Path(file).parts[-2:])
         lines.append(
             f"  - `{func}` ({where}:{line}): {own / total:.0%} own time, {cumulative / n * 1000:.2f} ms cumulative "

@@ -8,6 +8,9 @@ over real HTTP.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +19,11 @@ import nats
 from nats.aio.client import Client
 
 from bench.harness import (
+    PIDS,
     Lane,
     Report,
     Service,
+    children,
     cpu_s,
     interleave,
     lane_settings,
@@ -30,6 +35,7 @@ from bench.harness import (
     rss_kib,
     services,
     spread,
+    summarise_profile,
 )
 from handlers.embedded import free_port
 from tests.otlp_receiver import OtlpReceiver
@@ -99,7 +105,7 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
 # -- 3: concurrency and replicas ------------------------------------------------------------------
 
 
-async def concurrency(url: str, directory: Path, *, quick: bool) -> Report:
+async def concurrency(url: str, directory: Path, *, quick: bool, profile: bool = True) -> Report:
     report = Report(
         "3. Concurrency: slow provider, CPU ceiling, replicas",
         "`stanchion run` processes with `STANCHION_MAX_IN_FLIGHT=64`, one model on the fake provider over HTTP "
@@ -126,12 +132,27 @@ async def concurrency(url: str, directory: Path, *, quick: bool) -> Report:
                 for lane in (slow_lane, fast_lane, pair_lane):
                     await lane.burst(200)
                 cpu: dict[str, list[float]] = {"ceiling": [], "2 replicas": []}
+                others: dict[str, list[float]] = {}
 
                 def measured(name: str, lane: Lane, service: Service) -> Callable[[], Awaitable[float]]:
+                    helpers = {"provider": PIDS[fast_url], "nats-server": PIDS.get("nats-server", 0)}
+
+                    def sample() -> dict[str, float]:
+                        got = {k: cpu_s(pid) for k, pid in helpers.items() if pid}
+                        return {
+                            **got,
+                            "service": sum(cpu_s(pid) for pid in service.pids),
+                            "driver": time.process_time(),
+                        }
+
                     async def run() -> float:
-                        before = sum(cpu_s(pid) for pid in service.pids)
+                        before = sample()
                         rate = await lane.burst(n)
-                        cpu[name].append((sum(cpu_s(pid) for pid in service.pids) - before) / n * 1000)
+                        after = sample()
+                        cpu[name].append((after["service"] - before["service"]) / n * 1000)
+                        if name == "ceiling":
+                            for key in after:
+                                others.setdefault(key, []).append((after[key] - before[key]) / n * 1000)
                         return rate
 
                     return run
@@ -146,6 +167,26 @@ async def concurrency(url: str, directory: Path, *, quick: bool) -> Report:
                 )
             finally:
                 await client.close()
+        if profile:
+            # Where the service's CPU goes on the HTTP path: one more service, under py-spy, one burst.
+            spy_s = lane_settings(url, max_in_flight=64)
+            out = directory / "service-profile.txt"
+            with services(spy_s, directory, profile=out, STANCHION_POLICY=str(fast_policy)) as spied:
+                client = await nats.connect(url)
+                try:
+                    (spy_lane,) = await _lanes(client, [spied])
+                    await spy_lane.burst(200)
+                    await spy_lane.burst(n)
+                finally:
+                    await client.close()
+                for pid in children(spied.pids[0]):
+                    os.kill(pid, signal.SIGTERM)
+                spied.processes[0].wait(60)  # py-spy writes the profile once the service has exited
+            if out.exists():
+                report.notes.append(
+                    "Profile of one service on the instant HTTP provider (py-spy --gil, 250 Hz, one "
+                    f"burst of {n}):\n" + summarise_profile(out)
+                )
     slow_rate, ceiling, pair_rate = (median(values[k]) for k in ("slow", "ceiling", "2 replicas"))
     bound = min(64 / 0.2, ceiling)
     report.add(
@@ -164,6 +205,13 @@ async def concurrency(url: str, directory: Path, *, quick: bool) -> Report:
         "2 replicas, instant provider (events/s)",
         f"{pair_rate:.0f}",
         detail=f"{spread(values['2 replicas'])}; service CPU {median(cpu['2 replicas']):.2f} ms/event",
+    )
+    budget = {k: median(v) for k, v in others.items()}
+    report.notes.append(
+        "CPU per event during the ceiling rounds (ms): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in budget.items())
+        + f"; total {sum(budget.values()):.2f} ms, so {os.cpu_count()} cores allow at most "
+        f"{(os.cpu_count() or 1) * 1000 / sum(budget.values()):.0f} events/s for every process on the machine together."
     )
     report.add("2 replicas / 1", f"{pair_rate / ceiling:.2f}x", "≥ 1.7x", pair_rate / ceiling >= 1.7)
     return report

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import inproc, processes
-from bench.harness import Report, print_report, render, workdir
+from bench.harness import PIDS, Report, print_report, render, workdir
 from handlers.embedded import EmbeddedNats
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     with workdir() as directory, EmbeddedNats(store_dir=directory / "nats") as server:
         print(f"nats-server {server.url}; work directory {directory}", flush=True)
+        if server.process is not None:
+            PIDS["nats-server"] = server.process.pid
         for name in chosen:
             print(f"\n-- {name}", flush=True)
             t0 = time.perf_counter()
