@@ -3,19 +3,32 @@
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
-from typing import Any
 
 from anthropic import AsyncAnthropic
 from openai import AsyncOpenAI
+from pydantic import ValidationError
 from pydantic_ai import Agent, NativeOutput, PromptedOutput, ToolOutput
-from pydantic_ai.models import Model
+from pydantic_ai._genai_prices import fill_response_cost
+from pydantic_ai.direct import model_request
+from pydantic_ai.messages import (
+    ModelMessage,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    ToolCallPart,
+    UserPromptPart,
+)
+from pydantic_ai.models import Model, ModelRequestParameters
 from pydantic_ai.models.anthropic import AnthropicModel
-from pydantic_ai.models.instrumented import InstrumentationSettings
+from pydantic_ai.models.instrumented import InstrumentationSettings, InstrumentedModel
 from pydantic_ai.models.openai import OpenAIChatModel, OpenAIResponsesModel
+from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.output import OutputSpec
 from pydantic_ai.providers.anthropic import AnthropicProvider
 from pydantic_ai.providers.openai import OpenAIProvider
+from pydantic_ai.run import AgentRunResult
 from pydantic_ai.settings import ModelSettings
 
 from contracts import TaskClassification, TaskEvent, Usage
@@ -118,14 +131,27 @@ def build_candidates(policy: Policy, *, attempt_timeout_s: float, output_retries
     return candidates
 
 
+_FAST_AGENTS: weakref.WeakValueDictionary[int, Agent[None, TaskClassification]] = weakref.WeakValueDictionary()
+"""Agents made by ``build_agent``, by id: the ones whose runs ``AgentTerminal`` may take a shortcut for."""
+
+
+def _new_agent() -> Agent[None, TaskClassification]:
+    return Agent(output_type=TaskClassification, instructions=INSTRUCTIONS, defer_model_check=True, name="classifier")
+
+
 def build_agent(*, instrument: bool | InstrumentationSettings = False) -> Agent[None, TaskClassification]:
     """The classifier agent; ``instrument`` adds pydantic-ai's gen_ai spans and metrics (``True``: without the
-    prompt or the answer; pass ``InstrumentationSettings`` to choose providers and content)."""
-    agent = Agent(output_type=TaskClassification, instructions=INSTRUCTIONS, defer_model_check=True, name="classifier")
+    prompt or the answer; pass ``InstrumentationSettings`` to choose providers and content).
+
+    ``AgentTerminal`` answers most runs of this agent without the agent graph (see ``AgentTerminal``), so
+    give tools, validators or capabilities to an agent of your own rather than adding them to this one.
+    """
+    agent = _new_agent()
     if instrument is True:
         agent.instrument = InstrumentationSettings(include_content=False)
     elif isinstance(instrument, InstrumentationSettings):
         agent.instrument = instrument
+    _FAST_AGENTS[id(agent)] = agent
     return agent
 
 
@@ -134,30 +160,220 @@ def prompt(event: TaskEvent) -> str:
     return f"Classify this {event.kind} task{source}:\n\n{event.text}"
 
 
+_PROBE = "stanchion probe: never sent"
+
+
+class _Captured(Exception):
+    def __init__(self, messages: list[ModelMessage], settings: ModelSettings | None, params: ModelRequestParameters):
+        super().__init__("captured")
+        self.messages = messages
+        self.settings = settings
+        self.params = params
+
+
+class _Capture(WrapperModel):
+    """Records what a run would send on its first request, and stops the run there."""
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        raise _Captured(messages, model_settings, model_request_parameters)
+
+
+class _ReplayFirst(WrapperModel):
+    """Answers a run's first request with a response already received; later requests go to the model."""
+
+    def __init__(self, wrapped: Model, first: ModelResponse) -> None:
+        super().__init__(wrapped)
+        self._first: ModelResponse | None = first
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        if (first := self._first) is not None:
+            self._first = None
+            return first
+        return await self.wrapped.request(messages, model_settings, model_request_parameters)
+
+
+@dataclass
+class _Plan:
+    """What a run of the agent sends to one target on its first request, learnt once from a real run."""
+
+    instructions: str | None
+    settings: ModelSettings | None
+    parameters: ModelRequestParameters
+    output_tools: frozenset[str]
+    """Names of the output tools in tool mode; empty when the output comes as text (native, prompted)."""
+    instrumented: tuple[InstrumentationSettings, Model] | None = None
+
+    def model(self, target: ModelTarget, settings: InstrumentationSettings | None) -> Model:
+        if settings is None:
+            return target.model
+        if self.instrumented is None or self.instrumented[0] is not settings:
+            self.instrumented = (settings, InstrumentedModel(target.model, settings))
+        return self.instrumented[1]
+
+    def accept(self, response: ModelResponse) -> TaskClassification | None:
+        """The output the agent would take from ``response`` at once, or ``None`` when the agent must decide.
+
+        Only the plain case is accepted here: one part (the output tool call, or the JSON text), a complete
+        response, output that validates as pydantic-ai validates it. Anything else (invalid output, text in
+        tool mode, several parts, a truncated or filtered answer) is left to the agent, so its retries,
+        feedback and errors stay exactly pydantic-ai's.
+        """
+        if len(response.parts) != 1 or response.state != "complete":
+            return None
+        if response.finish_reason not in (None, "stop", "tool_call"):
+            return None
+        [part] = response.parts
+        data: object
+        if self.output_tools:
+            if not isinstance(part, ToolCallPart) or part.tool_name not in self.output_tools:
+                return None
+            data = part.args
+        elif isinstance(part, TextPart):
+            data = part.content
+        else:
+            return None
+        try:
+            if isinstance(data, str):
+                # pydantic-ai strips markdown fences from text not starting with "{"; leave those to it.
+                return TaskClassification.model_validate_json(data) if data.startswith("{") else None
+            return TaskClassification.model_validate(data) if isinstance(data, dict) and data else None
+        except ValidationError:
+            return None
+
+
 class AgentTerminal:
-    """The terminal step: one ``agent.run`` with ``call.candidate``'s model and output mode."""
+    """The terminal step: what ``agent.run`` with ``call.candidate``'s model and output mode would return.
+
+    For an agent made by ``build_agent``, the first request goes straight to the model (``model_request``,
+    with the request the agent itself would send, learnt once per target from a run stopped before it sends
+    anything), and a plain valid answer is taken at once: no agent graph per event. Any other answer, and
+    any other agent, goes through ``agent.run``: the answer already received is replayed as the run's first
+    response, so retries with validation feedback, ``UnexpectedModelBehavior`` when they are spent, and
+    usage and cost are pydantic-ai's own. Provider errors propagate unchanged.
+
+    With instrumentation on, each model request gets pydantic-ai's ``chat`` span from ``InstrumentedModel``
+    with the agent's settings; there is no agent-run span.
+    """
 
     def __init__(self, agent: Agent[None, TaskClassification] | None = None) -> None:
         self.agent = agent or build_agent()
+        self._fast = _FAST_AGENTS.get(id(self.agent)) is self.agent
+        # Probes and replays run on an uninstrumented twin: the requests they make are instrumented by the
+        # model itself, and a probe must leave no span.
+        self._twin = _new_agent()
+        self._twin.instrument = False
+        self._plans: dict[int, tuple[ModelTarget, _Plan | None]] = {}
+        self._default_settings: InstrumentationSettings | None = None
 
     async def __call__(self, call: Call) -> TaskClassification:
         if call.candidate is None or not isinstance(call.candidate.target, ModelTarget):
             raise TypeError("AgentTerminal needs call.candidate.target to be a ModelTarget")
         target: ModelTarget = call.candidate.target
         call.attempts += 1
-        result: Any = await self.agent.run(
-            prompt(call.event),
-            model=target.model,
-            output_type=target.output,
-            retries={"output": target.output_retries},
+        text = prompt(call.event)
+        plan = await self._plan(target) if self._fast else None
+        if plan is None:
+            return self._record(call, target, await self._run(self.agent, text, target.model, target))
+        model = plan.model(target, self._instrumentation())
+        request = ModelRequest(parts=[UserPromptPart(text)], instructions=plan.instructions)
+        response = await model_request(
+            model, [request], model_settings=plan.settings, model_request_parameters=plan.parameters, instrument=False
         )
+        fill_response_cost(response)
+        output = plan.accept(response)
+        if output is None:
+            return self._record(call, target, await self._run(self._twin, text, _ReplayFirst(model, response), target))
+        usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens, requests=1)
+        cost = response.usage.cost
+        call.add_usage(usage, target.cost(usage, float(cost) if cost is not None else None))
+        return output
+
+    @staticmethod
+    async def _run(
+        agent: Agent[None, TaskClassification], text: str, model: Model, target: ModelTarget
+    ) -> AgentRunResult[TaskClassification]:
+        return await agent.run(text, model=model, output_type=target.output, retries={"output": target.output_retries})
+
+    @staticmethod
+    def _record(call: Call, target: ModelTarget, result: AgentRunResult[TaskClassification]) -> TaskClassification:
         run_usage = result.usage
         usage = Usage(
             input_tokens=run_usage.input_tokens,
             output_tokens=run_usage.output_tokens,
             requests=run_usage.requests,
         )
-        reported = float(run_usage.cost) if getattr(run_usage, "cost", None) is not None else None
+        reported = float(run_usage.cost) if run_usage.cost is not None else None
         call.add_usage(usage, target.cost(usage, reported))
-        output: TaskClassification = result.output
-        return output
+        return result.output
+
+    def _instrumentation(self) -> InstrumentationSettings | None:
+        """The settings ``agent.run`` would instrument with (``agent.instrument``, else ``Agent.instrument_all``)."""
+        instrument = self.agent.instrument
+        if instrument is None:
+            instrument = Agent._instrument_default
+        if isinstance(instrument, InstrumentationSettings):
+            return instrument
+        if not instrument:
+            return None
+        if self._default_settings is None:
+            self._default_settings = InstrumentationSettings()
+        return self._default_settings
+
+    async def _plan(self, target: ModelTarget) -> _Plan | None:
+        cached = self._plans.get(id(target))
+        if cached is not None and cached[0] is target:
+            return cached[1]
+        plan = await self._probe(target)
+        self._plans[id(target)] = (target, plan)
+        return plan
+
+    async def _probe(self, target: ModelTarget) -> _Plan | None:
+        """Learn the first request of a run, or ``None`` when this target must always take ``agent.run``."""
+        if isinstance(target.model, InstrumentedModel) or _output_type(target.output) is not TaskClassification:
+            return None
+        try:
+            await self._run(self._twin, _PROBE, _Capture(target.model), target)
+        except _Captured as captured:
+            messages, settings, params = captured.messages, captured.settings, captured.params
+        except Exception:  # the run cannot even start (e.g. an output mode the model lacks): agent.run says why
+            return None
+        else:
+            return None
+        if len(messages) != 1 or not isinstance(request := messages[0], ModelRequest):
+            return None
+        if (
+            len(request.parts) != 1
+            or not isinstance(part := request.parts[0], UserPromptPart)
+            or part.content != _PROBE
+        ):
+            return None
+        if params.function_tools or params.native_tools:
+            return None
+        if params.output_mode == "tool":
+            tools = frozenset(tool.name for tool in params.output_tools)
+            if not tools or params.allow_text_output:
+                return None
+        elif params.output_mode in ("native", "prompted"):
+            tools = frozenset()
+        else:
+            return None
+        return _Plan(request.instructions, settings, params, tools)
+
+
+def _output_type(spec: OutputSpec[TaskClassification]) -> object:
+    """The one type an output spec asks for, ``None`` when it is anything else (several types, functions)."""
+    if isinstance(spec, ToolOutput):
+        return spec.output
+    if isinstance(spec, NativeOutput | PromptedOutput):
+        return spec.outputs
+    return spec
