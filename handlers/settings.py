@@ -115,7 +115,7 @@ class Settings(BaseSettings):
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
-    @field_validator("nats_url", "openai_base_url", "otel_endpoint", mode="before")
+    @field_validator("nats_url", "openai_base_url", "otel_endpoint", "budget_usd", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
