@@ -21,7 +21,7 @@ from nats.micro.service import EndpointStats, Service, ServiceConfig
 from rich.console import Console, Group
 from rich.table import Table
 
-from handlers.stats import ModelStats, ServiceStats
+from handlers.stats import Histogram, ModelStats, ServiceStats
 
 SERVICE_NAME = "stanchion"
 VERSION = "0.1.0"
@@ -145,14 +145,17 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
     calls = stats.model_calls
     ok = sum(m.ok for m in stats.models.values())
     priced = sum(m.priced_calls for m in stats.models.values())
+    every_call = Histogram()
+    for model in stats.models.values():
+        every_call.merge(model.latency)
     table.add_row(
         "all models",
         "",
         str(calls),
         _pct(ok, calls),
-        "",
-        "",
-        "",
+        _ms(every_call.percentile(0.5)),
+        _ms(every_call.percentile(0.95)),
+        _ms(every_call.percentile(0.99)),
         f"{sum(m.input_tokens for m in stats.models.values())}/{sum(m.output_tokens for m in stats.models.values())}",
         _usd(stats.cost_usd / priced if priced else None),
         _usd(stats.cost_usd if priced else None),

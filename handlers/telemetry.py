@@ -77,9 +77,15 @@ def configure_telemetry(settings: Settings) -> Telemetry | None:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or f"{base}/v1/traces"
     metrics_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or f"{base}/v1/metrics"
     tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
-    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint)))
-    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=metrics_endpoint))
-    meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+    # OTEL_{TRACES,METRICS}_EXPORTER=none turns one signal off (e.g. metrics, for a traces-only backend).
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none":
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint)))
+    readers = (
+        []
+        if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() == "none"
+        else [PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=metrics_endpoint))]
+    )
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     _configured = Telemetry(tracer_provider, meter_provider)
