@@ -113,7 +113,7 @@ def render(reports: Sequence[Report], *, argv: Sequence[str], started: datetime.
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC",
         f"- machine: {machine()}",
-        f"- command: `python -m bench.suite {' '.join(argv)}`".replace("  ", " ").replace(" `", "`", 0),
+        f"- command: `{' '.join(['python -m bench.suite', *argv])}`",
         f"- wall time: {wall_s / 60:.1f} min",
         "",
         "Each comparison ran in one process run with its variants interleaved round by round; values are medians",
@@ -126,8 +126,9 @@ def render(reports: Sequence[Report], *, argv: Sequence[str], started: datetime.
         "|---|---|---|---|---|",
     ]
     for report in reports:
-        for fig in report.figures:
-            lines.append(f"| {report.title} | {fig.name} | {fig.value} | {fig.target} | {fig.verdict} |")
+        for i, fig in enumerate(report.figures):
+            title = report.title if i == 0 else ""
+            lines.append(f"| {title} | {fig.name} | {fig.value} | {fig.target} | {fig.verdict} |")
     for report in reports:
         lines += ["", f"## {report.title}", "", report.how, ""]
         lines += ["| figure | value | target | | detail |", "|---|---|---|---|---|"]
@@ -321,6 +322,8 @@ def summarise_profile(path: Path, top: int = 10) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        if "(<frozen importlib._bootstrap>" in stack:
+            continue  # start-up imports, not per-event work
         samples += count
         for name, needles in PROFILE_GROUPS:
             if any(needle in stack for needle in needles):
@@ -338,6 +341,13 @@ def summarise_profile(path: Path, top: int = 10) -> str:
     for leaf, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"  - on top of the stack {n / samples:.1%}: `{leaf}`")
     return "\n".join(lines)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds spent by every process on the machine so far (all cores, from /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:

@@ -15,7 +15,7 @@ import io
 import logging
 import pstats
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -338,8 +338,8 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
         report.notes.append(
             f"Missed through NATS: the diagnostic row puts {min(max(kv_share, 0.0), 1.0):.0%} of the gap on the NATS "
             "KV result store (a get before and two puts after every answer, each a JetStream round trip); the rest "
-            "is the stack, the per-message heartbeat task and the info log line. The KV store is what keeps "
-            "redeliveries from calling a model twice across replicas, so it is part of the product's cost."
+            "is the middleware stack, the per-message heartbeat task and the info log line. With a fast terminal "
+            "the agent no longer hides them: see the in-process ratio and its profiles below."
         )
     full_svc, bare_svc = bench_stack.services()
     await bench_stack.throughput(full_svc, 200)
@@ -395,11 +395,11 @@ def _package(file: str) -> str:
     return path.parts[-2] if len(path.parts) > 1 else path.stem
 
 
-def profile_summary(terminal: Callable[[Call], Awaitable[TaskClassification]], n: int, top: int = 8) -> str:
-    """Where the CPU goes under cProfile: own time by package, and the functions with the most own time."""
+def profile_summary(run: Callable[[], Coroutine[Any, Any, Any]], n: int, top: int = 8) -> str:
+    """Where the CPU of ``n`` events goes under cProfile: own time by package, and the functions with the most."""
     profiler = cProfile.Profile()
     profiler.enable()
-    asyncio.run(terminal_rate(terminal, n))
+    asyncio.run(run())
     profiler.disable()
     stats = pstats.Stats(profiler, stream=io.StringIO())
     raw: dict[tuple[str, int, str], tuple[Any, ...]] = stats.stats  # type: ignore[attr-defined]
@@ -467,6 +467,24 @@ def agent_profiles(report: Report, *, quick: bool) -> None:
     n = 200 if quick else 500
     report.notes.append(
         f"Profile of the naive path (cProfile, {n} events, top functions by own time):\n"
-        + profile_summary(NaiveAgentTerminal(), n)
+        + profile_summary(lambda: terminal_rate(NaiveAgentTerminal(), n), n)
     )
-    report.notes.append("Profile of the current path:\n" + profile_summary(AgentTerminal(), n))
+    report.notes.append(
+        "Profile of the current path:\n" + profile_summary(lambda: terminal_rate(AgentTerminal(), n), n)
+    )
+
+
+def overhead_profiles(report: Report, *, quick: bool) -> None:
+    """Where the stack's cost goes: `ClassifierService.handle` with the full stack and with none, under cProfile."""
+    n = 300 if quick else 1000
+    full, bare = bench_stack.services()
+
+    async def warm_then(service: ClassifierService) -> None:
+        await bench_stack.throughput(service, 100)
+        await bench_stack.throughput(service, n)
+
+    report.notes.append(
+        f"Profile of `ClassifierService.handle` with the full stack (cProfile, {n} events after 100 of warm-up; "
+        "times are inflated by the profiler):\n" + profile_summary(lambda: warm_then(full), n + 100)
+    )
+    report.notes.append("The same with no middleware (bare):\n" + profile_summary(lambda: warm_then(bare), n + 100))

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 report = asyncio.run(comparisons[name](server.url, directory, args.quick))
                 if name == "agent":
                     inproc.agent_profiles(report, quick=args.quick)
+                if name == "overhead":
+                    inproc.overhead_profiles(report, quick=args.quick)
             except Exception:
                 failed = True
                 traceback.print_exc()
