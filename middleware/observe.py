@@ -76,6 +76,7 @@ class Observe:
             set_status_on_exception=False,
         ) as span:
             decided = len(call.decisions)
+            usage_before, cost_before = call.usage, call.cost_usd
             try:
                 return await self._observe(call, call_next)
             except Exception as exc:
@@ -94,8 +95,13 @@ class Observe:
             finally:
                 for decision in call.decisions[decided:]:
                     span.add_event(decision.kind, {"detail": self.redact(decision.detail), "at_ms": decision.at_ms})
+                usage = call.usage - usage_before
+                if call.cost_usd is not None:
+                    span.set_attribute("stanchion.cost_usd", call.cost_usd - (cost_before or 0.0))
                 span.set_attributes(
                     {
+                        "gen_ai.usage.input_tokens": usage.input_tokens,
+                        "gen_ai.usage.output_tokens": usage.output_tokens,
                         "stanchion.candidate": name,
                         "stanchion.model": self.model_of(call.candidate) if call.candidate else "",
                         "stanchion.route": call.route,
