@@ -37,11 +37,19 @@ class Rule:
     when: Callable[[Any], bool] | None = None
 
     def matches(self, event: Any) -> bool:
-        if self.kinds and getattr(event, "kind", None) in self.kinds:
-            return True
-        if self.min_text_length is not None and len(getattr(event, "text", "") or "") >= self.min_text_length:
-            return True
-        return self.when is not None and self.when(event)
+        return self.why(event) is not None
+
+    def why(self, event: Any) -> str | None:
+        """The condition that sends ``event`` to this rule's route, in words; ``None`` when none holds."""
+        kind = getattr(event, "kind", None)
+        if self.kinds and kind in self.kinds:
+            return f"kind is {kind}"
+        length = len(getattr(event, "text", "") or "")
+        if self.min_text_length is not None and length >= self.min_text_length:
+            return f"text length {length} >= {self.min_text_length}"
+        if self.when is not None and self.when(event):
+            return "predicate matched"
+        return None
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,17 @@ class Route:
             raise ValueError(f"unknown route(s) {', '.join(missing)}; known: {', '.join(sorted(self.routes))}")
 
     def choose(self, event: Any) -> str:
-        return next((rule.route for rule in self.rules if rule.matches(event)), self.default)
+        return self.explain(event)[0]
+
+    def explain(self, event: Any) -> tuple[str, str]:
+        """The route for ``event`` and why it was chosen."""
+        for rule in self.rules:
+            if (why := rule.why(event)) is not None:
+                return rule.route, why
+        return self.default, "no rule matched: default route"
 
     async def __call__(self, call: Call, call_next: Next[R]) -> R:
-        name = self.choose(call.event)
+        name, why = self.explain(call.event)
         spec = self.routes[name]
         call.route = name
         call.candidates = spec.candidates
@@ -78,5 +93,6 @@ class Route:
             model=spec.candidates[0].name if spec.candidates else None,
             candidates=[c.name for c in spec.candidates],
             heuristic=spec.heuristic,
+            reason=why,
         )
         return await call_next(call)

@@ -93,7 +93,20 @@ async def test_route_sets_candidates_heuristic_and_a_decision() -> None:
     assert call.candidates == (STRONG, BACKUP)
     assert call.allow_heuristic is False
     assert [(d.kind, d.detail, d.model) for d in call.decisions] == [("route", "complex", "strong")]
-    assert call.decisions[0].data == {"candidates": ["strong", "backup"], "heuristic": False}
+    assert call.decisions[0].data == {
+        "candidates": ["strong", "backup"],
+        "heuristic": False,
+        "reason": "kind is complex",
+    }
+
+
+async def test_the_route_decision_says_why() -> None:
+    """The rule's matching condition, or that no rule matched."""
+    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex"})), Rule("long", min_text_length=10)])
+
+    assert route.explain(event(kind="complex")) == ("complex", "kind is complex")
+    assert route.explain(event(text="x" * 12)) == ("long", "text length 12 >= 10")
+    assert route.explain(event(text="short")) == ("default", "no rule matched: default route")
 
 
 async def test_route_without_candidates_decides_with_no_model() -> None:
