@@ -180,25 +180,26 @@ async def concurrency(url: str, directory: Path, *, quick: bool, profile: bool =
             finally:
                 await client.close()
         if profile:
-            # Where the service's CPU goes on the HTTP path: one more service, under py-spy, one burst.
-            spy_s = lane_settings(url, max_in_flight=64)
-            out = directory / "service-profile.txt"
-            with services(spy_s, directory, profile=out, STANCHION_POLICY=str(fast_policy)) as spied:
-                client = await nats.connect(url)
-                try:
-                    (spy_lane,) = await _lanes(client, [spied])
-                    await spy_lane.burst(200)
-                    await spy_lane.burst(n)
-                finally:
-                    await client.close()
-                for pid in children(spied.pids[0]):
-                    os.kill(pid, signal.SIGTERM)
-                spied.processes[0].wait(60)  # py-spy writes the profile once the service has exited
-            if out.exists():
-                report.notes.append(
-                    "Profile of one service on the instant HTTP provider (py-spy --gil, 250 Hz, one "
-                    f"burst of {n}):\n" + summarise_profile(out)
-                )
+            # Where the service's CPU goes on the HTTP path: one more service per provider, under py-spy, one burst.
+            for label, policy in (("the instant provider", fast_policy), ("the 200 ms provider", slow_policy)):
+                spy_s = lane_settings(url, max_in_flight=64)
+                out = directory / f"profile-{spy_s.durable}.txt"
+                with services(spy_s, directory, profile=out, STANCHION_POLICY=str(policy)) as spied:
+                    client = await nats.connect(url)
+                    try:
+                        (spy_lane,) = await _lanes(client, [spied])
+                        await spy_lane.burst(200)
+                        await spy_lane.burst(n)
+                    finally:
+                        await client.close()
+                    for pid in children(spied.pids[0]):
+                        os.kill(pid, signal.SIGTERM)
+                    spied.processes[0].wait(60)  # py-spy writes the profile once the service has exited
+                if out.exists():
+                    report.notes.append(
+                        f"Profile of one service on {label} (py-spy --gil, 250 Hz, a burst of {n} after 200 of "
+                        "warm-up; start-up imports left out):\n" + summarise_profile(out)
+                    )
     slow_rate, ceiling, pair_rate = (median(values[k]) for k in ("slow", "ceiling", "2 replicas"))
     bound = min(64 / 0.2, ceiling)
     report.add(
@@ -219,6 +220,15 @@ async def concurrency(url: str, directory: Path, *, quick: bool, profile: bool =
         f"{pair_rate:.0f}",
         detail=f"{spread(values['2 replicas'])}; service CPU {median(cpu['2 replicas']):.2f} ms/event",
     )
+    if slow_rate < 0.85 * bound:
+        slow_cpu, fast_cpu = median(cpu["slow"]), median(cpu["ceiling"])
+        report.notes.append(
+            f"Missed (slow): the service is CPU-bound here too, not concurrency-bound ({slow_rate:.0f}/s x 0.2 s = "
+            f"{slow_rate * 0.2:.0f} events in flight of 64), and with the provider's latency it spends "
+            f"{slow_cpu:.2f} ms of CPU per event against {fast_cpu:.2f} ms with the instant provider, so its own "
+            f"ceiling is about {1000 / slow_cpu:.0f}/s. Compare the two profiles for what costs more while "
+            "requests wait (more concurrent tasks, connections and heartbeats)."
+        )
     machine_ms = median(others.pop("whole machine", [0.0]))
     budget = {k: median(v) for k, v in others.items()}
     ours_ms = sum(budget.values())
