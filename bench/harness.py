@@ -311,12 +311,18 @@ PROFILE_GROUPS = (
 )
 
 
+def _short(frame: str) -> str:
+    function, _, where = frame.partition(" (")
+    return f"{function} ({'/'.join(where.rstrip(')').split('/')[-2:])})"
+
+
 def summarise_profile(path: Path, top: int = 10) -> str:
     """py-spy collapsed stacks as Markdown: share of samples whose stack passes through each group, and the
     functions most often on top of the stack."""
     samples = 0
     inclusive = dict.fromkeys((name for name, _ in PROFILE_GROUPS), 0)
     own: dict[str, int] = {}
+    callers: dict[str, dict[str, int]] = {}
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -328,10 +334,12 @@ def summarise_profile(path: Path, top: int = 10) -> str:
         for name, needles in PROFILE_GROUPS:
             if any(needle in stack for needle in needles):
                 inclusive[name] += count
-        leaf = stack.rsplit(";", 1)[-1]
-        function, _, where = leaf.partition(" (")
-        leaf = f"{function} ({'/'.join(where.rstrip(')').split('/')[-2:])})"
+        frames = [_short(frame) for frame in stack.split(";")[-2:]]
+        leaf = frames[-1]
         own[leaf] = own.get(leaf, 0) + count
+        if len(frames) == 2:
+            callers.setdefault(leaf, {})
+            callers[leaf][frames[0]] = callers[leaf].get(frames[0], 0) + count
     if not samples:
         return "  - (no samples)"
     lines = [
@@ -339,7 +347,9 @@ def summarise_profile(path: Path, top: int = 10) -> str:
         + ", ".join(f"{name} {n / samples:.0%}" for name, n in sorted(inclusive.items(), key=lambda kv: -kv[1]))
     ]
     for leaf, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"  - on top of the stack {n / samples:.1%}: `{leaf}`")
+        called = sorted(callers.get(leaf, {}).items(), key=lambda kv: -kv[1])[:2]
+        via = "; called from " + ", ".join(f"`{c}` ({k / n:.0%})" for c, k in called) if called else ""
+        lines.append(f"  - on top of the stack {n / samples:.1%}: `{leaf}`{via}")
     return "\n".join(lines)
 
 
