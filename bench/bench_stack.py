@@ -4,6 +4,9 @@ Both sides run ``ClassifierService.handle`` (validate bytes → run → build th
 instant FunctionModel agent and no faults. "full" goes through Route → Fallback → Retry →
 CircuitBreaker → Timeout; "bare" calls the agent terminal directly. Rounds alternate so that machine
 noise hits both sides alike. Usage: ``python -m bench.bench_stack [--events N] [--rounds R]``.
+
+The suite (``python -m bench.suite``) runs this comparison as the in-process row of its overhead comparison,
+beside the same comparison through NATS.
 """
 
 from __future__ import annotations

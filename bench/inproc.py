@@ -413,6 +413,17 @@ def profile_summary(run: Callable[[], Coroutine[Any, Any, Any]], n: int, top: in
         + ", ".join(f"{name} {own / total:.0%}" for name, own in packages)
         + f" (profiled total {total / n * 1000:.2f} ms per event)"
     ]
+    logging_own = sum(
+        own
+        for (file, _, _), (_, _, own, _, _) in raw.items()
+        if _package(file) in ("structlog", "stdlib logging")
+        or file.endswith(("handlers/logs.py", "handlers/redact.py"))
+    )
+    if logging_own / total >= 0.02:
+        lines.append(
+            f"  - logging (structlog, logging, `handlers/logs.py` and redaction): {logging_own / total:.0%} "
+            f"({logging_own / n * 1000:.2f} ms per event under the profiler)"
+        )
     for (file, line, func), (_, calls, own, cumulative, _) in sorted(raw.items(), key=lambda kv: -kv[1][2])[:top]:
         where = "/".join(Path(file).parts[-2:])
         lines.append(
