@@ -299,7 +299,10 @@ def children(pid: int) -> list[int]:
 
 PROFILE_GROUPS = (
     ("pydantic-ai agent run", ("(pydantic_ai/", "(pydantic_graph/")),
-    ("OpenAI SDK + httpx (HTTP client)", ("(openai/", "(httpx/", "(httpcore/", "(h11/")),
+    ("OpenAI SDK + httpx (HTTP client)", ("(openai/", "(httpx/", "(httpcore/", "(httpx2/", "(httpcore2/", "(h11/")),
+    ("HTTP connection pool", ("(httpcore/_async/connection_pool.py", "(httpcore2/_async/connection_pool.py")),
+    ("sniffio/anyio (async library detection, cancel scopes)", ("(sniffio/", "(anyio/")),
+    ("genai-prices (cost)", ("(genai_prices/",)),
     ("FastStream", ("(faststream/",)),
     ("nats-py", ("(nats/",)),
     ("stanchion middleware", ("(middleware/",)),
@@ -334,12 +337,13 @@ def summarise_profile(path: Path, top: int = 10) -> str:
         for name, needles in PROFILE_GROUPS:
             if any(needle in stack for needle in needles):
                 inclusive[name] += count
-        frames = [_short(frame) for frame in stack.split(";")[-2:]]
+        frames = [_short(frame) for frame in stack.split(";")[-3:]]
         leaf = frames[-1]
         own[leaf] = own.get(leaf, 0) + count
-        if len(frames) == 2:
+        if len(frames) > 1:
+            caller = " ← ".join(reversed(frames[:-1]))
             callers.setdefault(leaf, {})
-            callers[leaf][frames[0]] = callers[leaf].get(frames[0], 0) + count
+            callers[leaf][caller] = callers[leaf].get(caller, 0) + count
     if not samples:
         return "  - (no samples)"
     lines = [
