@@ -301,7 +301,7 @@ PROFILE_GROUPS = (
     ("pydantic-ai agent run", ("(pydantic_ai/", "(pydantic_graph/")),
     ("OpenAI SDK + httpx (HTTP client)", ("(openai/", "(httpx/", "(httpcore/", "(httpx2/", "(httpcore2/", "(h11/")),
     ("HTTP connection pool", ("(httpcore/_async/connection_pool.py", "(httpcore2/_async/connection_pool.py")),
-    ("sniffio/anyio (async library detection, cancel scopes)", ("(sniffio/", "(anyio/")),
+    ("sniffio (async library detection)", ("(sniffio/",)),
     ("genai-prices (cost)", ("(genai_prices/",)),
     ("FastStream", ("(faststream/",)),
     ("nats-py", ("(nats/",)),

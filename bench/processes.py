@@ -99,7 +99,7 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
             f"Missed: tracing costs {extra_ms:.1f} ms of wall time per event at 16 in flight, for about "
             f"{len(spans) / events_on:.1f} spans per event (each created, ended, batched, serialised to protobuf and "
             "posted). The reference rows show the same shape without the service: FastStream's own messaging "
-            "spans alone cut a bare consumer to about a third. Not tried here: sampling (a ParentBased ratio "
+            "spans alone cut a bare consumer's rate by more than half. Not tried here: sampling (a ParentBased ratio "
             "sampler would cut the cost in proportion), or dropping the per-request gen_ai spans."
         )
     report.add("tracing off (events/s)", f"{median(values['off']):.0f}", detail=spread(values["off"]))
