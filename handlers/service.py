@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from opentelemetry import metrics, trace
+from opentelemetry.metrics import NoOpMeterProvider
 from pydantic import ValidationError
 from pydantic_ai.models.instrumented import InstrumentationSettings
 from tenacity import stop_after_attempt, wait_exponential_jitter
@@ -191,7 +192,13 @@ def build_stack(
         ),
         Timeout(settings.attempt_timeout_s, per_route=timeouts),
     ]
-    instrument = InstrumentationSettings(include_content=settings.trace_content) if tracing_on else False
+    # pydantic-ai's spans, without its metrics: the stanchion.llm.* instruments count the same tokens and cost per
+    # candidate, and recording both doubled the metrics' share of the per-event CPU.
+    instrument = (
+        InstrumentationSettings(include_content=settings.trace_content, meter_provider=NoOpMeterProvider())
+        if tracing_on
+        else False
+    )
     return Stack(middleware, terminal or AgentTerminal(build_agent(instrument=instrument))), breaker
 
 
