@@ -470,7 +470,7 @@ async def agent_path(*, quick: bool) -> Report:
     report.add("naive: CPU per event (ms)", f"{median(cpu['naive']):.2f}", detail="issue's reference ≈ 6 ms")
     report.add("current AgentTerminal (events/s)", f"{median(values['current']):.0f}", detail=spread(values["current"]))
     report.add("current: CPU per event (ms)", f"{median(cpu['current']):.2f}")
-    report.add("speed-up current / naive", f"{speedup:.2f}x", "≥ 3x", speedup >= 3.0)
+    report.add("speed-up current / naive", f"{speedup:.1f}x", "≥ 3x", speedup >= 3.0)
     return report
 
 

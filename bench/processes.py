@@ -253,7 +253,7 @@ async def concurrency(url: str, directory: Path, *, quick: bool, profile: bool =
                 "per event is the lever (see the profile)."
             )
         )
-    report.add("2 replicas / 1", f"{pair_rate / ceiling:.2f}x", "≥ 1.7x", pair_rate / ceiling >= 1.7)
+    report.add("2 replicas / 1", f"{pair_rate / ceiling:.3f}x", "≥ 1.7x", pair_rate / ceiling >= 1.7)
     return report
 
 
