@@ -183,6 +183,21 @@ class _Capture(WrapperModel):
         raise _Captured(messages, model_settings, model_request_parameters)
 
 
+class _Priced(WrapperModel):
+    """Prices each response as it arrives, so that the instrumentation around it reports that cost instead of
+    pricing the response a second time (genai-prices is a visible share of the per-event CPU)."""
+
+    async def request(
+        self,
+        messages: list[ModelMessage],
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> ModelResponse:
+        response = await self.wrapped.request(messages, model_settings, model_request_parameters)
+        fill_response_cost(response)
+        return response
+
+
 class _ReplayFirst(WrapperModel):
     """Answers a run's first request with a response already received; later requests go to the model."""
 
@@ -217,7 +232,7 @@ class _Plan:
         if settings is None:
             return target.model
         if self.instrumented is None or self.instrumented[0] is not settings:
-            self.instrumented = (settings, InstrumentedModel(target.model, settings))
+            self.instrumented = (settings, InstrumentedModel(_Priced(target.model), settings))
         return self.instrumented[1]
 
     def accept(self, response: ModelResponse) -> TaskClassification | None:
