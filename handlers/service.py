@@ -179,7 +179,7 @@ def build_stack(
     model_names = {m.name: m.model for m in policy.models}
     middleware: list[Middleware[TaskClassification]] = [
         # Tracing only when an exporter is configured: without one its spans would be no-ops anyway.
-        *([Tracing(redact=redact)] if tracing_on else []),
+        *([Tracing(redact=redact, annotate_current=True)] if tracing_on else []),
         Route(routes, rules, policy.default_route),
         Fallback(heuristic),
         Retry(per_route=retry),

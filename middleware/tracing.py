@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode, Tracer
+from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
 from contracts import Decision
@@ -37,42 +37,52 @@ class Tracing:
         tracer: The tracer (default: the global provider's ``stanchion`` tracer).
         redact: Applied to every text put on the span (error messages may quote secrets).
         name: The span's name.
+        annotate_current: Record on the span already current (e.g. the messaging ``process`` span of the
+            message being handled) instead of opening one, when there is a recording one: one span less
+            per event, and the attempts become direct children of the processing span.
     """
 
     tracer: Tracer | None = None
     redact: Callable[[str], str] = _identity
     name: str = "stanchion.stack"
+    annotate_current: bool = False
 
     async def __call__(self, call: Call, call_next: Next[R]) -> R:
+        current = trace.get_current_span()
+        if self.annotate_current and current.is_recording():
+            return await self._record(current, call, call_next)
         tracer = self.tracer or trace.get_tracer("stanchion")
         with tracer.start_as_current_span(self.name, record_exception=False, set_status_on_exception=False) as span:
-            context = span.get_span_context()
-            if context.is_valid:
-                call.trace_id = format(context.trace_id, "032x")
-            try:
-                result = await call_next(call)
-            except Exception as exc:
-                span.set_status(Status(StatusCode.ERROR, self.redact(describe(exc))))
-                raise
-            finally:
-                for decision in call.decisions:
-                    span.add_event(decision.kind, self._event_attributes(decision))
-                span.set_attributes(
-                    {
-                        "stanchion.route": call.route,
-                        "stanchion.served_by": call.served_by or "",
-                        "stanchion.degraded": call.degraded,
-                        "stanchion.attempts": call.attempts,
-                        "stanchion.delivery": call.delivery,
-                        "gen_ai.usage.input_tokens": call.usage.input_tokens,
-                        "gen_ai.usage.output_tokens": call.usage.output_tokens,
-                    }
-                )
-                if call.cost_usd is not None:
-                    span.set_attribute("stanchion.cost_usd", call.cost_usd)
-                if call.deadline is not None:
-                    span.set_attribute("stanchion.deadline_ms", round((call.deadline - call.started_at) * 1000, 3))
-            return result
+            return await self._record(span, call, call_next)
+
+    async def _record(self, span: Span, call: Call, call_next: Next[R]) -> R:
+        context = span.get_span_context()
+        if context.is_valid:
+            call.trace_id = format(context.trace_id, "032x")
+        try:
+            result = await call_next(call)
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, self.redact(describe(exc))))
+            raise
+        finally:
+            for decision in call.decisions:
+                span.add_event(decision.kind, self._event_attributes(decision))
+            span.set_attributes(
+                {
+                    "stanchion.route": call.route,
+                    "stanchion.served_by": call.served_by or "",
+                    "stanchion.degraded": call.degraded,
+                    "stanchion.attempts": call.attempts,
+                    "stanchion.delivery": call.delivery,
+                    "gen_ai.usage.input_tokens": call.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": call.usage.output_tokens,
+                }
+            )
+            if call.cost_usd is not None:
+                span.set_attribute("stanchion.cost_usd", call.cost_usd)
+            if call.deadline is not None:
+                span.set_attribute("stanchion.deadline_ms", round((call.deadline - call.started_at) * 1000, 3))
+        return result
 
     def _event_attributes(self, decision: Decision) -> dict[str, AttributeValue]:
         """The decision as span-event attributes: model, detail, time, and its data (scalars and lists of them)."""

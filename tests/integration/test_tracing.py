@@ -44,8 +44,9 @@ def _wait_for_spans(
 async def test_an_event_is_one_trace_from_stanchion_publish_to_the_result_publish(
     nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
 ) -> None:
-    """publish → process → stack → one attempt span per model call (the failed one with its error) → gen_ai chat
-    span, and the result publish under the process span: one trace, whose id the envelope carries."""
+    """publish → process (the stack's decisions as events) → one attempt span per model call (the failed one with
+    its error) → gen_ai chat span, and the result publish under the process span: one trace, whose id the envelope
+    carries."""
     provider = fake_openai()
     provider.set(script=["503"])  # the first model call fails, the retry succeeds
     settings = unique_settings(nats_server.url)
@@ -86,7 +87,7 @@ async def test_an_event_is_one_trace_from_stanchion_publish_to_the_result_publis
             assert trace_id and len(trace_id) == 32
             input_subject, output_subject = settings.input_subject, settings.output_subject
             spans = _wait_for_spans(
-                receiver, trace_id, {f"{input_subject} publish", f"{output_subject} publish", "stanchion.stack"}
+                receiver, trace_id, {f"{input_subject} publish", f"{output_subject} publish", "stanchion.attempt fast"}
             )
             await asyncio.sleep(1.0)  # a metrics export or two
         finally:
@@ -107,13 +108,16 @@ async def test_an_event_is_one_trace_from_stanchion_publish_to_the_result_publis
     assert publish.service == "publisher" and publish.parent_span_id == ""  # the trace starts at the publisher
     process = only(f"{settings.input_subject} process")
     assert process.parent_span_id == publish.span_id and process.service == "stanchion-test"
-    stack = only("stanchion.stack")
-    assert stack.parent_span_id == process.span_id
-    assert [name for name, _ in stack.events][:2] == ["route", "retry"]
-    retry = dict(stack.events)["retry"]
+    # The stack records on the processing span: its decisions as events, its outcome as attributes.
+    assert not any(s.name == "stanchion.stack" for s in spans)
+    decisions = [name for name, _ in process.events]
+    assert decisions[:2] == ["route", "retry"]
+    route, retry = dict(process.events)["route"], dict(process.events)["retry"]
+    assert route["reason"] == "no rule matched: default route" and route["candidates"]
     assert retry["failure"] == "transient" and retry["attempt"] == 1 and retry["wait_s"] >= 0
-    assert stack.attributes["stanchion.attempts"] == 2 and stack.attributes["stanchion.served_by"] == "fast"
-    failed, succeeded = children(stack, "stanchion.attempt fast")
+    assert process.attributes["stanchion.attempts"] == 2 and process.attributes["stanchion.served_by"] == "fast"
+    assert process.attributes["stanchion.route"] == "default" and process.attributes["stanchion.deadline_ms"] > 0
+    failed, succeeded = children(process, "stanchion.attempt fast")
     assert failed.attributes["stanchion.failure"] == "transient"
     assert "503" in dict(failed.events)["exception"]["exception.message"]
     assert failed.attributes["stanchion.attempt"] == 1 and succeeded.attributes["stanchion.attempt"] == 2

@@ -70,3 +70,30 @@ async def test_without_an_sdk_the_trace_id_stays_unset() -> None:
 
     assert await Tracing(tracer=NoOpTracerProvider().get_tracer("x"))(call, served) == "ok"
     assert call.trace_id is None
+
+
+async def test_annotate_current_records_on_the_span_already_open() -> None:
+    """Inside a recording span (the messaging `process` span), the stack adds no span of its own; outside one,
+    it still opens `stanchion.stack`."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(tracer=provider.get_tracer("test"), annotate_current=True)
+
+    async def served(call: Call) -> str:
+        call.decide("route", "default", model="fast")
+        call.served_by = "fast"
+        return "ok"
+
+    call = Call(event=None)
+    with provider.get_tracer("test").start_as_current_span("tasks.classify process") as process:
+        assert await tracing(call, served) == "ok"
+    [span] = exporter.get_finished_spans()
+    assert span.name == "tasks.classify process"
+    assert call.trace_id == format(process.get_span_context().trace_id, "032x")
+    assert [event.name for event in span.events] == ["route"]
+    assert dict(span.attributes or {})["stanchion.served_by"] == "fast"
+
+    exporter.clear()
+    assert await tracing(Call(event=None), served) == "ok"
+    assert [s.name for s in exporter.get_finished_spans()] == ["stanchion.stack"]
