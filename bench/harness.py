@@ -89,7 +89,7 @@ def spread(values: Sequence[float]) -> str:
     return "..".join(f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in (min(values), max(values))) if values else ""
 
 
-def machine() -> str:
+def machine(load: tuple[float, float, float]) -> str:
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,21 +98,27 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (
         f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.release()}, "
-        f"CPython {platform.python_version()}; load average at start {load}"
+        f"CPython {platform.python_version()}; load average at start {', '.join(f'{x:.2f}' for x in load)}"
     )
 
 
-def render(reports: Sequence[Report], *, argv: Sequence[str], started: datetime.datetime, wall_s: float) -> str:
+def render(
+    reports: Sequence[Report],
+    *,
+    argv: Sequence[str],
+    started: datetime.datetime,
+    wall_s: float,
+    load: tuple[float, float, float],
+) -> str:
     lines = [
         "# Benchmark results",
         "",
         "Written by `python -m bench.suite` (see `bench/suite.py`); do not edit by hand.",
         "",
         f"- date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- machine: {machine()}",
+        f"- machine: {machine(load)}",
         f"- command: `{' '.join(['python -m bench.suite', *argv])}`",
         f"- wall time: {wall_s / 60:.1f} min; load average at the end "
         + ", ".join(f"{x:.2f}" for x in os.getloadavg()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import os
 import sys
 import time
 import traceback
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown comparison(s): {', '.join(unknown)}")
     comparisons = _comparisons()
     started_at = datetime.datetime.now(datetime.UTC)
+    load = os.getloadavg()
     started = time.perf_counter()
     reports: list[Report] = []
     failed = False
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     if not args.no_write:
         RESULTS.write_text(
-            render(reports, argv=sys.argv[1:] if argv is None else argv, started=started_at, wall_s=wall)
+            render(reports, argv=sys.argv[1:] if argv is None else argv, started=started_at, wall_s=wall, load=load)
         )
         print(f"\nwrote {RESULTS}", flush=True)
     return 1 if failed else 0
