@@ -2,48 +2,56 @@
 
 Per candidate: ``stanchion.llm.duration`` (histogram, s), ``stanchion.llm.calls`` (by outcome),
 ``stanchion.llm.errors`` (by category), ``stanchion.llm.tokens`` (by type: input/output),
-``stanchion.llm.cost`` (USD). Per event: ``stanchion.events`` (by subject and outcome),
-``stanchion.retries`` and ``stanchion.fallbacks`` (by candidate), ``stanchion.dead_letters`` (by subject
-and error type), ``stanchion.degraded`` (by subject). Breakers: ``stanchion.breaker.transitions`` (by
-candidate, from, to) and ``stanchion.breaker.state`` (gauge: 0 closed, 1 half-open, 2 open).
+``stanchion.llm.cost`` (USD), ``stanchion.retries``, ``stanchion.fallbacks``. Per input subject:
+``stanchion.events`` (by outcome), ``stanchion.dead_letters`` (by error type), ``stanchion.degraded``.
+Breakers: ``stanchion.breaker.transitions`` (by candidate, from, to) and ``stanchion.breaker.state``
+(gauge: 0 closed, 1 half-open, 2 open).
+
+The counters are observed at export time from the service's ``ServiceStats`` — the same figures
+``stanchion report`` shows — so a handled event costs one histogram record per model call, nothing more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
+from handlers.stats import ServiceStats
 from middleware import AttemptRecord, Call
 
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
+Observer = Callable[[CallbackOptions], Iterable[Observation]]
+
 
 class Metrics:
-    """Records the stack's attempts, events and breaker changes as OpenTelemetry instruments."""
+    """OpenTelemetry instruments over a service's statistics; an ``AttemptRecorder`` for the latency histogram."""
 
-    def __init__(self, provider: MeterProvider) -> None:
+    def __init__(self, provider: MeterProvider, stats: ServiceStats, subject: str) -> None:
+        self.stats = stats
+        self.subject = subject
         meter = provider.get_meter("stanchion")
         self.duration = meter.create_histogram(
             "stanchion.llm.duration", unit="s", description="Latency of one model call, per candidate."
         )
-        self.calls = meter.create_counter("stanchion.llm.calls", description="Model calls, by outcome.")
-        self.errors = meter.create_counter("stanchion.llm.errors", description="Failed model calls, by category.")
-        self.tokens = meter.create_counter(
-            "stanchion.llm.tokens", unit="{token}", description="Tokens, by type (input, output)."
-        )
-        self.cost = meter.create_counter("stanchion.llm.cost", unit="USD", description="Cost of the model calls.")
-        self.events = meter.create_counter("stanchion.events", description="Events handled, by outcome.")
-        self.retries = meter.create_counter("stanchion.retries", description="In-process retries, by candidate.")
-        self.fallbacks = meter.create_counter(
-            "stanchion.fallbacks", description="Moves to the next candidate, by the candidate that failed."
-        )
-        self.dead_letters = meter.create_counter("stanchion.dead_letters", description="Dead letters, by error type.")
-        self.degraded = meter.create_counter("stanchion.degraded", description="Answers given by the heuristic.")
         self.transitions = meter.create_counter(
             "stanchion.breaker.transitions", description="Circuit breaker state changes."
         )
         self._states: dict[str, int] = {}
+        counters: list[tuple[str, str, str, Observer]] = [
+            ("stanchion.llm.calls", "{call}", "Model calls, by outcome.", self._calls),
+            ("stanchion.llm.errors", "{call}", "Failed model calls, by category.", self._errors),
+            ("stanchion.llm.tokens", "{token}", "Tokens, by type (input, output).", self._tokens),
+            ("stanchion.llm.cost", "USD", "Cost of the model calls.", self._cost),
+            ("stanchion.retries", "{retry}", "In-process retries, by candidate.", self._retries),
+            ("stanchion.fallbacks", "{fallback}", "Moves past a candidate that failed.", self._fallbacks),
+            ("stanchion.events", "{event}", "Events handled, by outcome.", self._events),
+            ("stanchion.dead_letters", "{event}", "Dead letters, by error type.", self._dead_letters),
+            ("stanchion.degraded", "{event}", "Answers given by the heuristic.", self._degraded),
+        ]
+        for name, unit, description, callback in counters:
+            meter.create_observable_counter(name, callbacks=[callback], unit=unit, description=description)
         meter.create_observable_gauge(
             "stanchion.breaker.state",
             callbacks=[self._observe_states],
@@ -51,37 +59,63 @@ class Metrics:
         )
 
     def attempt_finished(self, call: Call, record: AttemptRecord) -> None:
-        attributes = {"candidate": record.candidate, "model": record.model, "route": record.route}
-        self.duration.record(record.latency_s, attributes)
-        self.calls.add(1, {**attributes, "outcome": record.outcome})
-        if record.outcome != "ok":
-            self.errors.add(1, {**attributes, "category": record.outcome})
-        if record.usage.input_tokens:
-            self.tokens.add(record.usage.input_tokens, {**attributes, "type": "input"})
-        if record.usage.output_tokens:
-            self.tokens.add(record.usage.output_tokens, {**attributes, "type": "output"})
-        if record.cost_usd:
-            self.cost.add(record.cost_usd, attributes)
-
-    def event_finished(
-        self, *, outcome: str, subject: str, call: Call | None = None, error_type: str | None = None
-    ) -> None:
-        self.events.add(1, {"subject": subject, "outcome": outcome})
-        if outcome == "dead_letter":
-            self.dead_letters.add(1, {"subject": subject, "error_type": error_type or "unknown"})
-        if call is None:
-            return
-        if call.degraded:
-            self.degraded.add(1, {"subject": subject})
-        for decision in call.decisions:
-            if decision.kind == "retry":
-                self.retries.add(1, {"candidate": decision.model or ""})
-            elif decision.kind == "fallback":
-                self.fallbacks.add(1, {"candidate": decision.model or ""})
+        self.duration.record(
+            record.latency_s, {"candidate": record.candidate, "model": record.model, "outcome": record.outcome}
+        )
 
     def breaker_changed(self, candidate: str, old: str, new: str) -> None:
         self.transitions.add(1, {"candidate": candidate, "from": old, "to": new})
         self._states[candidate] = STATE_VALUES.get(new, 0)
+
+    # -- observed at export time ------------------------------------------------------------------
+
+    def _calls(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, model in list(self.stats.models.items()):
+            attributes = {"candidate": name, "model": model.model}
+            yield Observation(model.ok, {**attributes, "outcome": "ok"})
+            for category, count in list(model.errors.items()):
+                yield Observation(count, {**attributes, "outcome": category})
+
+    def _errors(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, model in list(self.stats.models.items()):
+            for category, count in list(model.errors.items()):
+                yield Observation(count, {"candidate": name, "model": model.model, "category": category})
+
+    def _tokens(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, model in list(self.stats.models.items()):
+            yield Observation(model.input_tokens, {"candidate": name, "model": model.model, "type": "input"})
+            yield Observation(model.output_tokens, {"candidate": name, "model": model.model, "type": "output"})
+
+    def _cost(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, model in list(self.stats.models.items()):
+            yield Observation(model.cost_usd, {"candidate": name, "model": model.model})
+
+    def _retries(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, count in list(self.stats.retries_by_candidate.items()):
+            yield Observation(count, {"candidate": name})
+
+    def _fallbacks(self, options: CallbackOptions) -> Iterable[Observation]:
+        for name, count in list(self.stats.fallbacks_by_candidate.items()):
+            yield Observation(count, {"candidate": name})
+
+    def _events(self, options: CallbackOptions) -> Iterable[Observation]:
+        stats = self.stats
+        outcomes = {
+            "answered": stats.answered,
+            "stored": stats.from_store,
+            "redelivered": stats.redelivered,
+            "dead_letter": sum(stats.dead_letters.values()),
+        }
+        return [Observation(count, {"subject": self.subject, "outcome": kind}) for kind, count in outcomes.items()]
+
+    def _dead_letters(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(count, {"subject": self.subject, "error_type": kind})
+            for kind, count in list(self.stats.dead_letters.items())
+        ]
+
+    def _degraded(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self.stats.degraded, {"subject": self.subject})]
 
     def _observe_states(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(value, {"candidate": name}) for name, value in list(self._states.items())]

@@ -232,7 +232,9 @@ class ClassifierService:
         self.results: ResultStore = results or InMemoryResultStore()
         self.redact = Redactor(settings.secrets() + policy_secrets(policy))
         self.stats = ServiceStats.for_this_process()
-        self.metrics = Metrics(metrics.get_meter_provider()) if settings.otel_endpoint else None
+        self.metrics: Metrics | None = None
+        if settings.otel_endpoint:
+            self.metrics = Metrics(metrics.get_meter_provider(), self.stats, settings.input_subject)
         if stack is None:
             recorders: list[AttemptRecorder] = [LlmCallLog(), self.stats, *([self.metrics] if self.metrics else [])]
             stack, breaker = build_stack(
@@ -287,8 +289,6 @@ class ClassifierService:
         else:
             kind, error_type = "redelivered", None
         self.stats.event_finished(outcome=kind, latency_s=latency_s, call=call, error_type=error_type)
-        if self.metrics is not None:
-            self.metrics.event_finished(outcome=kind, subject=subject, call=call, error_type=error_type)
 
     def _breaker_changed(self, key: str, old: Any, new: Any) -> None:
         self.stats.breaker_changed(key, new.value)

@@ -145,6 +145,9 @@ class ServiceStats:
     models: dict[str, ModelStats] = field(default_factory=dict)
     breakers: dict[str, str] = field(default_factory=dict)
     replicas: int = 1
+    retries_by_candidate: Counter[str] = field(default_factory=Counter)
+    """Per candidate, for the metrics (not sent to the report)."""
+    fallbacks_by_candidate: Counter[str] = field(default_factory=Counter)
 
     @classmethod
     def for_this_process(cls, replica: str = "") -> ServiceStats:
@@ -194,8 +197,10 @@ class ServiceStats:
             for decision in call.decisions:
                 if decision.kind == "retry":
                     self.retries += 1
+                    self.retries_by_candidate[decision.model or ""] += 1
                 elif decision.kind == "fallback":
                     fallbacks += 1
+                    self.fallbacks_by_candidate[decision.model or ""] += 1
             self.fallbacks += fallbacks
             self.fell_back += fallbacks > 0
 
