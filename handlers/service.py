@@ -192,10 +192,15 @@ def build_stack(
         ),
         Timeout(settings.attempt_timeout_s, per_route=timeouts),
     ]
-    # pydantic-ai's spans, without its metrics: the stanchion.llm.* instruments count the same tokens and cost per
-    # candidate, and recording both doubled the metrics' share of the per-event CPU.
+    # pydantic-ai's spans, without its metrics (the stanchion.llm.* instruments count the same tokens and cost per
+    # candidate) and, unless content is traced, without the request parameters (the output tool's JSON schema,
+    # serialised on every request: the largest share of the instrumentation's CPU).
     instrument = (
-        InstrumentationSettings(include_content=settings.trace_content, meter_provider=NoOpMeterProvider())
+        InstrumentationSettings(
+            include_content=settings.trace_content,
+            include_model_request_parameters=settings.trace_content,
+            meter_provider=NoOpMeterProvider(),
+        )
         if tracing_on
         else False
     )
