@@ -403,9 +403,11 @@ class Received:
 class Lane:
     """Publishes events to one lane and collects the results coming back (core NATS, driver's clock)."""
 
-    def __init__(self, client: Client, settings: Settings) -> None:
+    def __init__(self, client: Client, settings: Settings, *, traced: bool = False) -> None:
         self.client = client
         self.settings = settings
+        self.traced = traced
+        """Publish as a traced publisher does (`stanchion publish`, `publish_traced`): a W3C traceparent per event."""
         self.results: dict[str, Received] = {}
         self.sent_at: dict[str, float] = {}
         self._waiting: tuple[str, int, asyncio.Future[None]] | None = None
@@ -442,6 +444,11 @@ class Lane:
                 except NotFoundError:
                     await asyncio.sleep(0.1)
 
+    def _headers(self) -> dict[str, str] | None:
+        if not self.traced:
+            return None
+        return {"traceparent": f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"}
+
     @staticmethod
     def payloads(prefix: str, n: int) -> list[tuple[str, bytes]]:
         return [
@@ -457,7 +464,7 @@ class Lane:
         self._waiting = (prefix, n, future)
         started = time.perf_counter()
         for _, data in events:
-            await self.client.publish(self.settings.input_subject, data)
+            await self.client.publish(self.settings.input_subject, data, headers=self._headers())
         await self.client.flush()
         try:
             await asyncio.wait_for(future, timeout)

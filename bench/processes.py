@@ -47,8 +47,9 @@ BREAKER_NEVER = "[breaker]\nconsecutive_failures = 1000000000\nfailure_rate = 1.
 """A breaker that does not trip within the run: the "without a breaker" variant."""
 
 
-async def _lanes(client: Client, running: list[Service]) -> list[Lane]:
-    lanes = [await Lane(client, s.settings).start() for s in running]
+async def _lanes(client: Client, running: list[Service], traced: tuple[bool, ...] = ()) -> list[Lane]:
+    flags = traced or (False,) * len(running)
+    lanes = [await Lane(client, s.settings, traced=t).start() for s, t in zip(running, flags, strict=True)]
     for lane, service in zip(lanes, running, strict=True):
         await lane.ready(service)
     return lanes
@@ -63,8 +64,10 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
         "Two `stanchion run` processes on the suite's nats-server, the same policy (one model on the fake "
         "provider with no latency, then the heuristic), 16 in flight. **on** has `OTEL_EXPORTER_OTLP_ENDPOINT` "
         "set to a real OTLP/HTTP receiver (`tests/otlp_receiver.py`, in the benchmark process): FastStream "
-        "messaging spans, the stack span, pydantic-ai gen_ai spans (and OTel metrics where the service exports "
-        "them) — all exported. **off** has no endpoint. Bursts of fresh events alternate between the two; "
+        "messaging spans, the attempt spans, pydantic-ai gen_ai spans (and OTel metrics where the service exports "
+        "them) — all exported; its events arrive with a W3C `traceparent`, as from a traced publisher "
+        "(`stanchion publish`, `publish_traced`), so the service continues their traces. **off** has no endpoint "
+        "and plain events. Bursts of fresh events alternate between the two; "
         "rate = events / (first publish → last result).",
     )
     n, rounds = (300, 3) if quick else (800, 5)
@@ -80,7 +83,7 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
         ):
             client = await nats.connect(url)
             try:
-                off_lane, on_lane = await _lanes(client, [off, on])
+                off_lane, on_lane = await _lanes(client, [off, on], traced=(False, True))
                 await off_lane.burst(100)
                 await on_lane.burst(100)
                 values = await interleave(

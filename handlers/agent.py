@@ -185,7 +185,28 @@ class _Capture(WrapperModel):
 
 class _Priced(WrapperModel):
     """Prices each response as it arrives, so that the instrumentation around it reports that cost instead of
-    pricing the response a second time (genai-prices is a visible share of the per-event CPU)."""
+    pricing the response a second time (genai-prices is a visible share of the per-event CPU).
+
+    It also remembers the last ``prepare_request``: the instrumentation prepares each request once more for its
+    span's attributes (walking the output tool's JSON schema), always with the plan's same settings and
+    parameters objects, so the second preparation is the first one's result.
+    """
+
+    _prepared: (
+        tuple[ModelSettings | None, ModelRequestParameters, tuple[ModelSettings | None, ModelRequestParameters]] | None
+    ) = None
+
+    def prepare_request(
+        self,
+        model_settings: ModelSettings | None,
+        model_request_parameters: ModelRequestParameters,
+    ) -> tuple[ModelSettings | None, ModelRequestParameters]:
+        last = self._prepared
+        if last is not None and last[0] is model_settings and last[1] is model_request_parameters:
+            return last[2]
+        prepared = self.wrapped.prepare_request(model_settings, model_request_parameters)
+        self._prepared = (model_settings, model_request_parameters, prepared)
+        return prepared
 
     async def request(
         self,
