@@ -263,21 +263,33 @@ def create_app(
 
 @contextlib.asynccontextmanager
 async def keep_alive(msg: NatsMessage, ack_wait_s: float) -> AsyncIterator[None]:
-    """Tell JetStream the message is in progress every third of the ack wait, for as long as it is handled."""
+    """Tell JetStream the message is in progress every third of the ack wait, for as long as it is handled.
 
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(ack_wait_s / 3)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+    A timer, not a task per message: most messages are done long before the first beat is due.
+    """
+    loop = asyncio.get_running_loop()
+    interval = ack_wait_s / 3
+    beats: set[asyncio.Task[None]] = set()
+    timer: asyncio.TimerHandle | None = None
 
-    task = asyncio.create_task(beat())
+    async def in_progress() -> None:
+        with contextlib.suppress(Exception):
+            await msg.in_progress()
+
+    def beat() -> None:
+        nonlocal timer
+        task = loop.create_task(in_progress())
+        beats.add(task)
+        task.add_done_callback(beats.discard)
+        timer = loop.call_later(interval, beat)
+
+    timer = loop.call_later(interval, beat)
     try:
         yield
     finally:
-        task.cancel()
-        # gather(return_exceptions=True) absorbs the heartbeat's own cancellation but not one aimed at us.
-        await asyncio.gather(task, return_exceptions=True)
+        timer.cancel()  # the latest one: each beat schedules the next
+        for task in list(beats):
+            task.cancel()
 
 
 async def _publish(
@@ -287,13 +299,12 @@ async def _publish(
     for attempt in range(1, tries + 1):
         try:
             if isinstance(outcome, Answered) and not outcome.published:
-                envelope = outcome.envelope
+                envelope, body = outcome.envelope, outcome.body
                 await results.publish(
-                    envelope.model_dump_json().encode(),
-                    headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"},
+                    body, headers={"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"}
                 )
                 with contextlib.suppress(Exception):  # if this is lost, a redelivery republishes (dedup drops it)
-                    await service.published(envelope)
+                    await service.published(envelope, body)
             elif isinstance(outcome, DeadLettered):
                 await _dead_letter(dead_letters, outcome.dead, msg)
             return

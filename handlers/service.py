@@ -76,6 +76,12 @@ class Answered:
     envelope: ResultEnvelope[TaskClassification]
     stored: bool = False
     published: bool = False
+    data: bytes = b""
+    """The envelope as JSON, serialised once (empty: serialise ``envelope``)."""
+
+    @property
+    def body(self) -> bytes:
+        return self.data or self.envelope.model_dump_json().encode()
 
 
 @dataclass(frozen=True)
@@ -317,7 +323,7 @@ class ClassifierService:
         if (stored := await self.results.get(event.id)) is not None:
             log.info("already answered; no model call", delivery=delivery, published=stored.published)
             envelope = ResultEnvelope[TaskClassification].model_validate_json(stored.envelope)
-            return Answered(envelope, stored=True, published=stored.published), None
+            return Answered(envelope, stored=True, published=stored.published, data=stored.envelope), None
         call = Call(
             event=event,
             subject=subject,
@@ -345,12 +351,14 @@ class ClassifierService:
             trace_id=call.trace_id,
             decisions=[self._redacted(d) for d in call.decisions],
         )
-        await self.results.put(event.id, StoredResult(envelope.model_dump_json().encode(), published=False))
-        return Answered(envelope), call
+        body = envelope.model_dump_json().encode()
+        await self.results.put(event.id, StoredResult(body, published=False))
+        return Answered(envelope, data=body), call
 
-    async def published(self, envelope: ResultEnvelope[TaskClassification]) -> None:
+    async def published(self, envelope: ResultEnvelope[TaskClassification], data: bytes = b"") -> None:
         """Record that the output stream confirmed this result: a redelivery will only ack."""
-        await self.results.put(envelope.event_id, StoredResult(envelope.model_dump_json().encode(), published=True))
+        body = data or envelope.model_dump_json().encode()
+        await self.results.put(envelope.event_id, StoredResult(body, published=True))
 
     async def _all_circuits_open_for(self, candidates: list[str]) -> float | None:
         """When every candidate tried now has an open circuit: how long until the first may be tried again."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Callable
 
@@ -106,3 +107,21 @@ async def test_an_existing_durable_consumer_is_brought_up_to_the_settings(
         await svc.collector.wait_for(results=1)
     assert (before.config.max_deliver, before.config.ack_wait, before.config.max_ack_pending) == (5, 60.0, 8)
     assert (after.config.max_deliver, after.config.ack_wait, after.config.max_ack_pending) == (3, 30.0, 2)
+
+
+async def test_an_answer_slower_than_the_ack_wait_is_kept_alive_not_redelivered(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """The model takes three ack waits to answer: the handler's in-progress beats keep the message its own, so
+    JetStream does not deliver it again (which would call the model a second time)."""
+    provider = fake_openai(latency_s=3.0)
+    policy = policy_for(("primary", provider))
+    async with running_service(nats_server.url, policy, ack_wait_s=1.0, attempt_timeout_s=10.0) as svc:
+        await svc.publish({"id": "slow-1", "text": "the export button crashes"})
+        await svc.collector.wait_for(results=1, timeout=30)
+        await asyncio.sleep(1.5)  # a redelivery would have shown by now
+        info = await svc.client.jetstream().consumer_info(svc.settings.input_stream, svc.settings.durable)
+    [result] = svc.collector.results
+    assert result["model"] == "primary" and not result["degraded"]
+    assert provider.count == 1
+    assert info.num_redelivered == 0 and info.num_ack_pending == 0
