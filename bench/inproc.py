@@ -338,7 +338,7 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
         report.notes.append(
             f"Missed through NATS: the diagnostic row puts {min(max(kv_share, 0.0), 1.0):.0%} of the gap on the NATS "
             "KV result store (a get before and two puts after every answer, each a JetStream round trip); the rest "
-            "is the middleware stack, the per-message heartbeat task and the info log lines (one per event, one per "
+            "is the middleware stack, the heartbeat timer and the info log lines (one per event, one per "
             "model call). With a fast terminal "
             "the agent no longer hides them: see the in-process ratio and its profiles below."
         )
