@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
+from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 
@@ -91,7 +92,7 @@ def combine(replicas: list[ServiceStats]) -> ServiceStats:
 
 
 def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f}"
+    return "-" if value is None else f"{value:.1f}" if value < 100 else f"{value:.0f}"
 
 
 def _pct(part: int, whole: int) -> str:
@@ -101,45 +102,42 @@ def _pct(part: int, whole: int) -> str:
 def _usd(value: float | None) -> str:
     if value is None:
         return "-"
-    return "$0" if value == 0 else f"${value:,.6f}" if value < 1 else f"${value:,.2f}"
+    if value == 0:
+        return "$0"
+    return "$" + f"{value:.6f}".rstrip("0").rstrip(".") if value < 1 else f"${value:,.2f}"
 
 
 def _model_row(name: str, stats: ModelStats) -> list[str]:
     latency = stats.latency
-    errors = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.errors.items())) or "-"
     average = stats.cost_usd / stats.priced_calls if stats.priced_calls else None
     return [
-        name,
-        stats.model,
+        f"{name}\n[dim]{stats.model}[/dim]" if stats.model and stats.model != name else name,
         str(stats.calls),
         _pct(stats.ok, stats.calls),
-        _ms(latency.percentile(0.5)),
-        _ms(latency.percentile(0.95)),
-        _ms(latency.percentile(0.99)),
+        _percentiles(latency),
         f"{stats.input_tokens}/{stats.output_tokens}",
         _usd(average),
         _usd(stats.cost_usd if stats.priced_calls else None),
-        errors,
     ]
+
+
+def _percentiles(latency: Histogram) -> str:
+    return "/".join(_ms(latency.percentile(q)) for q in (0.5, 0.95, 0.99))
 
 
 def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Group:
     """One replica's (or the sum's) figures: a row per model, then the event-level summary."""
-    table = Table(title=title, title_justify="left")
-    for column in (
-        "candidate",
-        "model",
-        "calls",
-        "success",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "tokens in/out",
-        "avg cost/call",
-        "cost",
-        "errors",
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for column, justify in (
+        ("candidate / model", "left"),
+        ("calls", "right"),
+        ("ok", "right"),
+        ("p50/p95/p99 ms", "right"),
+        ("tokens in/out", "right"),
+        ("$/call", "right"),
+        ("$ total", "right"),
     ):
-        table.add_column(column, justify="left" if column in ("candidate", "model", "errors") else "right")
+        table.add_column(column, justify=justify, no_wrap=column.startswith("p50"))  # type: ignore[arg-type]
     for name, model in sorted(stats.models.items()):
         table.add_row(*_model_row(name, model))
     calls = stats.model_calls
@@ -150,16 +148,12 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         every_call.merge(model.latency)
     table.add_row(
         "all models",
-        "",
         str(calls),
         _pct(ok, calls),
-        _ms(every_call.percentile(0.5)),
-        _ms(every_call.percentile(0.95)),
-        _ms(every_call.percentile(0.99)),
+        _percentiles(every_call),
         f"{sum(m.input_tokens for m in stats.models.values())}/{sum(m.output_tokens for m in stats.models.values())}",
         _usd(stats.cost_usd / priced if priced else None),
         _usd(stats.cost_usd if priced else None),
-        "",
         style="bold",
     )
     finished = stats.answered + sum(stats.dead_letters.values())
@@ -172,11 +166,17 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         else f"{_usd(cost)} (no budget set: STANCHION_BUDGET_USD)"
     )
     latency = stats.latency
+    errors = "; ".join(
+        f"{name} {', '.join(f'{kind} {n}' for kind, n in sorted(model.errors.items()))}"
+        for name, model in sorted(stats.models.items())
+        if model.errors
+    )
     lines = [
         f"events: {stats.events} handled, {stats.answered} answered "
         f"(success {_pct(stats.answered, finished)}), {stats.degraded} degraded "
         f"({_pct(stats.degraded, stats.answered)}), dead letters {dead}, {stats.redelivered} redelivered, "
         f"{stats.from_store} answered from the result store",
+        f"model call errors: {errors or 'none'}",
         f"event latency: p50 {_ms(latency.percentile(0.5))} ms, p95 {_ms(latency.percentile(0.95))} ms, "
         f"p99 {_ms(latency.percentile(0.99))} ms",
         f"retries {stats.retries}; fallbacks {stats.fallbacks}, in {stats.fell_back} events "

@@ -182,6 +182,6 @@ async def test_report_gathers_every_replica_and_combines_them(
     for replica in replicas:
         assert f"pid {replica.pid}" in text
     assert "combined: 2 replicas" in text
-    assert text.count("p95 ms") == 3  # two replicas and the combined table
-    assert "budget" in text and "$0.50" in text
+    assert text.count("p50/p95/p99 ms") == 3  # two replicas and the combined table
+    assert "budget" in text and "$0.5 budget" in text
     assert "success 100.0%" in text.split("combined:")[1]

@@ -109,7 +109,7 @@ def test_the_report_prints_each_replica_then_the_sum_against_the_budget() -> Non
     text = buffer.getvalue()
     assert "replica aaa" in text and "replica bbb" in text and "combined: 2 replicas" in text
     combined = text.split("combined:")[1]
-    assert "$0.008000 of $0.020000 budget (40.0%)" in combined
+    assert "$0.008 of $0.02 budget (40.0%)" in combined
     assert "9 answered" in combined and "1 degraded" in combined
 
 
