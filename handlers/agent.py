@@ -80,7 +80,9 @@ def build_model(config: ModelConfig, *, attempt_timeout_s: float) -> Model:
     """A pydantic-ai model for one candidate, with the SDK's own retries off (our Retry is the only one)."""
     api_key = _api_key(config)
     # max_tokens: classification answers are short, and Anthropic streams requests allowed more than ~21k tokens.
-    settings = ModelSettings(max_retries=0, timeout=attempt_timeout_s, max_tokens=1024)
+    # No max_retries here: the clients below are built with max_retries=0 already, and a max_retries in the model
+    # settings makes pydantic-ai copy the SDK client for every request (a visible share of the per-event CPU).
+    settings = ModelSettings(timeout=attempt_timeout_s, max_tokens=1024)
     if config.provider == "anthropic":
         anthropic = AsyncAnthropic(
             api_key=api_key or "api-key-not-set",
