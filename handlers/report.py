@@ -19,7 +19,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, JustifyMethod
 from rich.table import Table
 
 from handlers.stats import Histogram, ModelStats, ServiceStats
@@ -128,7 +128,7 @@ def _percentiles(latency: Histogram) -> str:
 def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Group:
     """One replica's (or the sum's) figures: a row per model, then the event-level summary."""
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    for column, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("candidate / model", "left"),
         ("calls", "right"),
         ("ok", "right"),
@@ -136,8 +136,9 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         ("tokens in/out", "right"),
         ("$/call", "right"),
         ("$ total", "right"),
-    ):
-        table.add_column(column, justify=justify, no_wrap=column.startswith("p50"))  # type: ignore[arg-type]
+    )
+    for column, justify in columns:
+        table.add_column(column, justify=justify, no_wrap=column.startswith("p50"))
     for name, model in sorted(stats.models.items()):
         table.add_row(*_model_row(name, model))
     calls = stats.model_calls

@@ -289,10 +289,10 @@ class ClassifierService:
             outcome, call = await self._handle(data, subject, headers, delivery, retry, started)
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
-        self._count(outcome, subject, call, self.clock.now() - started)
+        self._count(outcome, call, self.clock.now() - started)
         return outcome
 
-    def _count(self, outcome: Outcome, subject: str, call: Call | None, latency_s: float) -> None:
+    def _count(self, outcome: Outcome, call: Call | None, latency_s: float) -> None:
         if isinstance(outcome, Answered):
             kind, error_type = ("stored" if outcome.stored else "answered"), None
         elif isinstance(outcome, DeadLettered):
