@@ -13,7 +13,9 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, TypeAdapter
 
 from middleware import AttemptRecord, Call
 
@@ -55,15 +57,12 @@ class Histogram:
         self.sum_ms += other.sum_ms
 
     def to_dict(self) -> dict[str, Any]:
-        return {"buckets": {str(k): v for k, v in self.buckets.items()}, "count": self.count, "sum_ms": self.sum_ms}
+        data: dict[str, Any] = _HISTOGRAM.dump_python(self, mode="json")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Histogram:
-        return cls(
-            Counter({int(k): int(v) for k, v in data.get("buckets", {}).items()}),
-            int(data.get("count", 0)),
-            float(data.get("sum_ms", 0.0)),
-        )
+        return _HISTOGRAM.validate_python(data)
 
 
 @dataclass
@@ -90,33 +89,6 @@ class ModelStats:
         self.output_tokens += other.output_tokens
         self.cost_usd += other.cost_usd
         self.priced_calls += other.priced_calls
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "calls": self.calls,
-            "ok": self.ok,
-            "errors": dict(self.errors),
-            "latency": self.latency.to_dict(),
-            "input_tokens": self.input_tokens,
-            "output_tokens": self.output_tokens,
-            "cost_usd": self.cost_usd,
-            "priced_calls": self.priced_calls,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelStats:
-        return cls(
-            model=str(data.get("model", "")),
-            calls=int(data.get("calls", 0)),
-            ok=int(data.get("ok", 0)),
-            errors=Counter({str(k): int(v) for k, v in data.get("errors", {}).items()}),
-            latency=Histogram.from_dict(data.get("latency", {})),
-            input_tokens=int(data.get("input_tokens", 0)),
-            output_tokens=int(data.get("output_tokens", 0)),
-            cost_usd=float(data.get("cost_usd", 0.0)),
-            priced_calls=int(data.get("priced_calls", 0)),
-        )
 
 
 @dataclass
@@ -145,9 +117,9 @@ class ServiceStats:
     models: dict[str, ModelStats] = field(default_factory=dict)
     breakers: dict[str, str] = field(default_factory=dict)
     replicas: int = 1
-    retries_by_candidate: Counter[str] = field(default_factory=Counter)
+    retries_by_candidate: Annotated[Counter[str], Field(exclude=True)] = field(default_factory=Counter)
     """Per candidate, for the metrics (not sent to the report)."""
-    fallbacks_by_candidate: Counter[str] = field(default_factory=Counter)
+    fallbacks_by_candidate: Annotated[Counter[str], Field(exclude=True)] = field(default_factory=Counter)
 
     @classmethod
     def for_this_process(cls, replica: str = "") -> ServiceStats:
@@ -239,44 +211,15 @@ class ServiceStats:
         self.started_at = min(self.started_at, other.started_at) if self.started_at else other.started_at
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "replica": self.replica,
-            "host": self.host,
-            "pid": self.pid,
-            "started_at": self.started_at,
-            "events": self.events,
-            "answered": self.answered,
-            "degraded": self.degraded,
-            "from_store": self.from_store,
-            "redelivered": self.redelivered,
-            "dead_letters": dict(self.dead_letters),
-            "retries": self.retries,
-            "fallbacks": self.fallbacks,
-            "fell_back": self.fell_back,
-            "latency": self.latency.to_dict(),
-            "models": {name: stats.to_dict() for name, stats in self.models.items()},
-            "breakers": dict(self.breakers),
-            "replicas": self.replicas,
-        }
+        """JSON-ready, as sent to ``stanchion report`` (without the per-candidate metric counters)."""
+        data: dict[str, Any] = _SERVICE_STATS.dump_python(self, mode="json")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServiceStats:
-        return cls(
-            replica=str(data.get("replica", "")),
-            host=str(data.get("host", "")),
-            pid=int(data.get("pid", 0)),
-            started_at=float(data.get("started_at", 0.0)),
-            events=int(data.get("events", 0)),
-            answered=int(data.get("answered", 0)),
-            degraded=int(data.get("degraded", 0)),
-            from_store=int(data.get("from_store", 0)),
-            redelivered=int(data.get("redelivered", 0)),
-            dead_letters=Counter({str(k): int(v) for k, v in data.get("dead_letters", {}).items()}),
-            retries=int(data.get("retries", 0)),
-            fallbacks=int(data.get("fallbacks", 0)),
-            fell_back=int(data.get("fell_back", 0)),
-            latency=Histogram.from_dict(data.get("latency", {})),
-            models={str(k): ModelStats.from_dict(v) for k, v in data.get("models", {}).items()},
-            breakers={str(k): str(v) for k, v in data.get("breakers", {}).items()},
-            replicas=int(data.get("replicas", 1)),
-        )
+        """From ``to_dict``'s output (missing figures default to zero)."""
+        return _SERVICE_STATS.validate_python(data)
+
+
+_HISTOGRAM = TypeAdapter(Histogram)
+_SERVICE_STATS = TypeAdapter(ServiceStats)
