@@ -6,9 +6,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from contracts import Usage
+from contracts import Decision, Usage
 from middleware.call import Call, Candidate
 from middleware.errors import describe, failure_kind
 from middleware.stack import Next
@@ -67,7 +67,7 @@ class Observe:
 
     async def __call__(self, call: Call, call_next: Next[R]) -> R:
         if self.tracer is None:
-            return await self._observe(call, call_next)
+            return await self._observe(call, call_next, None)
         name = call.candidate.name if call.candidate else "?"
         with self.tracer.start_as_current_span(
             f"stanchion.attempt {name}",
@@ -75,64 +75,62 @@ class Observe:
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            decided = len(call.decisions)
-            usage_before, cost_before = call.usage, call.cost_usd
-            try:
-                return await self._observe(call, call_next)
-            except Exception as exc:
-                span.set_status(Status(StatusCode.ERROR, self.redact(describe(exc))))
-                span.set_attributes(
-                    {
-                        "error.type": type(exc).__name__,
-                        "stanchion.failure": failure_kind(exc).value,
-                    }
-                )
-                span.add_event(
-                    "exception",
-                    {"exception.type": type(exc).__name__, "exception.message": self.redact(describe(exc))},
-                )
-                raise
-            finally:
-                for decision in call.decisions[decided:]:
-                    span.add_event(decision.kind, {"detail": self.redact(decision.detail), "at_ms": decision.at_ms})
-                usage = call.usage - usage_before
-                if call.cost_usd is not None:
-                    span.set_attribute("stanchion.cost_usd", call.cost_usd - (cost_before or 0.0))
-                span.set_attributes(
-                    {
-                        "gen_ai.usage.input_tokens": usage.input_tokens,
-                        "gen_ai.usage.output_tokens": usage.output_tokens,
-                        "stanchion.candidate": name,
-                        "stanchion.model": self.model_of(call.candidate) if call.candidate else "",
-                        "stanchion.route": call.route,
-                        "stanchion.attempt": call.attempt or 1,
-                        "stanchion.delivery": call.delivery,
-                    }
-                )
+            return await self._observe(call, call_next, span)
 
-    async def _observe(self, call: Call, call_next: Next[R]) -> R:
+    async def _observe(self, call: Call, call_next: Next[R], span: Span | None) -> R:
         usage_before, cost_before = call.usage, call.cost_usd
+        decided = len(call.decisions)
         started = call.clock.now()
         outcome, error = "ok", None
         try:
             return await call_next(call)
         except Exception as exc:
             outcome, error = failure_kind(exc).value, self.redact(describe(exc))
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+                span.set_attributes({"error.type": type(exc).__name__, "stanchion.failure": outcome})
+                span.add_event("exception", {"exception.type": type(exc).__name__, "exception.message": error})
             raise
         finally:
-            if self.recorders and call.candidate is not None:
+            candidate = call.candidate
+            if span is not None or (self.recorders and candidate is not None):
+                latency_s = call.clock.now() - started
+                usage = call.usage - usage_before
                 cost = None if call.cost_usd is None else call.cost_usd - (cost_before or 0.0)
-                record = AttemptRecord(
-                    candidate=call.candidate.name,
-                    model=self.model_of(call.candidate),
-                    route=call.route,
-                    attempt=call.attempt or 1,
-                    delivery=call.delivery,
-                    outcome=outcome,
-                    latency_s=call.clock.now() - started,
-                    usage=call.usage - usage_before,
-                    cost_usd=cost,
-                    error=error,
-                )
-                for recorder in self.recorders:
-                    recorder.attempt_finished(call, record)
+                model = self.model_of(candidate) if candidate is not None else ""
+                if span is not None:
+                    self._annotate(span, call, call.decisions[decided:], usage, cost, model)
+                if self.recorders and candidate is not None:
+                    record = AttemptRecord(
+                        candidate=candidate.name,
+                        model=model,
+                        route=call.route,
+                        attempt=call.attempt or 1,
+                        delivery=call.delivery,
+                        outcome=outcome,
+                        latency_s=latency_s,
+                        usage=usage,
+                        cost_usd=cost,
+                        error=error,
+                    )
+                    for recorder in self.recorders:
+                        recorder.attempt_finished(call, record)
+
+    def _annotate(
+        self, span: Span, call: Call, decisions: list[Decision], usage: Usage, cost: float | None, model: str
+    ) -> None:
+        for decision in decisions:
+            span.add_event(decision.kind, {"detail": self.redact(decision.detail), "at_ms": decision.at_ms})
+        if cost is not None:
+            span.set_attribute("stanchion.cost_usd", cost)
+        span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": usage.input_tokens,
+                "gen_ai.usage.output_tokens": usage.output_tokens,
+                "stanchion.candidate": call.candidate.name if call.candidate else "?",
+                "stanchion.model": model,
+                "stanchion.route": call.route,
+                "stanchion.attempt": call.attempt or 1,
+                "stanchion.delivery": call.delivery,
+            }
+        )
