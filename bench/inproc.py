@@ -40,7 +40,7 @@ from handlers.agent import AgentTerminal, ModelTarget, build_agent, prompt
 from handlers.app import create_app, create_broker, raw_body
 from handlers.logs import configure_logging
 from handlers.policy import Policy
-from handlers.results import StoredResult
+from handlers.results import InMemoryResultStore
 from handlers.service import ClassifierService, build_stack
 from handlers.settings import Settings
 from middleware import Call, Candidate
@@ -205,19 +205,6 @@ async def reference_points(url: str, *, quick: bool) -> Report:
 # -- 1: overhead ----------------------------------------------------------------------------------
 
 
-class LocalResults:
-    """An in-process result store that ``create_app`` keeps (it swaps only ``InMemoryResultStore`` for NATS KV)."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, StoredResult] = {}
-
-    async def get(self, event_id: str) -> StoredResult | None:
-        return self.items.get(event_id)
-
-    async def put(self, event_id: str, result: StoredResult) -> None:
-        self.items[event_id] = result
-
-
 def bare_app(settings: Settings, candidate: Candidate, terminal: AgentTerminal) -> NatsBroker:
     """A FastStream handler with the app's subscriber settings calling the agent terminal directly.
 
@@ -292,7 +279,7 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
     local_settings = lane_settings(url, max_in_flight=16)
     local_stack, local_breaker = build_stack(local_settings, POLICY, terminal=terminal, candidates={"fast": candidate})
     local_service = ClassifierService(
-        local_settings, POLICY, stack=local_stack, breaker=local_breaker, results=LocalResults()
+        local_settings, POLICY, stack=local_stack, breaker=local_breaker, results=InMemoryResultStore()
     )
     local = create_app(local_settings, local_service, url=url)
     bare_settings = lane_settings(url, max_in_flight=16)

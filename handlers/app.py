@@ -24,7 +24,7 @@ from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
 from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
 from handlers.connection import broker_security
 from handlers.report import register as register_stats
-from handlers.results import InMemoryResultStore, KeyValueResultStore
+from handlers.results import KeyValueResultStore
 from handlers.service import Answered, ClassifierService, DeadLettered, Outcome, Redeliver, outcome_event_id
 from handlers.settings import Settings
 from handlers.telemetry import TelemetryMiddleware
@@ -103,7 +103,7 @@ def create_app(
 ) -> FastStream:
     """Wire the service into a FastStream app on ``url`` (default ``settings.nats_url``)."""
     broker = broker or create_broker(settings, url)
-    if isinstance(service.results, InMemoryResultStore):
+    if not service.results_given:
         # Replicas share answered results through a KV bucket; the connection opens later, hence the lambda.
         service.results = KeyValueResultStore(
             lambda: broker.config.connection_state.stream, settings.result_bucket, settings.result_ttl_s

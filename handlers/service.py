@@ -241,6 +241,8 @@ class ClassifierService:
         self.policy = policy
         self.clock = clock
         self.results: ResultStore = results or InMemoryResultStore()
+        self.results_given = results is not None
+        """Whether the caller chose the result store (``create_app`` replaces only the default one)."""
         self.redact = Redactor(settings.secrets() + policy_secrets(policy))
         self.stats = ServiceStats.for_this_process()
         self.metrics: Metrics | None = None
