@@ -194,6 +194,39 @@ def provider(latency_s: float = 0.0, always: str = "ok") -> Iterator[str]:
         stop_process(process)
 
 
+@dataclass
+class Collected:
+    """What ``bench.collector`` received, filled in when its process stops."""
+
+    endpoint: str
+    spans: int = 0
+    names: list[str] = field(default_factory=list)
+    metrics: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def collector() -> Iterator[Collected]:
+    """A real OTLP/HTTP receiver in its own process; yields its endpoint, then what it received."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.collector"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline().decode()
+    if not line.startswith("PORT "):
+        stop_process(process)
+        raise RuntimeError(f"bench.collector did not start: {line!r}")
+    collected = Collected(f"http://127.0.0.1:{int(line.split()[1])}")
+    PIDS["collector"] = process.pid
+    try:
+        yield collected
+    finally:
+        stop_process(process)
+        summary = json.loads(process.stdout.read().decode() or "{}")
+        collected.spans = summary.get("spans", 0)
+        collected.names = summary.get("names", [])
+        collected.metrics = summary.get("metrics", {})
+
+
 def lane_settings(nats_url: str, **overrides: Any) -> Settings:
     """Settings with subjects, streams, durable and bucket of their own."""
     n = f"{os.getpid()}x{next(_names)}"

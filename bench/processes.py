@@ -24,6 +24,7 @@ from bench.harness import (
     Report,
     Service,
     children,
+    collector,
     cpu_s,
     interleave,
     lane_settings,
@@ -39,7 +40,6 @@ from bench.harness import (
     summarise_profile,
 )
 from handlers.embedded import free_port
-from tests.otlp_receiver import OtlpReceiver
 
 BREAKER_OPEN = "[breaker]\nconsecutive_failures = 5\nopen_s = 600\n"
 """Trips after 5 failures and stays open for the whole measurement (no half-open probe mid-run)."""
@@ -63,7 +63,8 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
         "2. Tracing: everything traced and exported vs off",
         "Two `stanchion run` processes on the suite's nats-server, the same policy (one model on the fake "
         "provider with no latency, then the heuristic), 16 in flight. **on** has `OTEL_EXPORTER_OTLP_ENDPOINT` "
-        "set to a real OTLP/HTTP receiver (`tests/otlp_receiver.py`, in the benchmark process): FastStream "
+        "set to a real OTLP/HTTP receiver (`tests/otlp_receiver.py`) in a process of its own, like a collector "
+        "(`bench/collector.py`): FastStream "
         "messaging spans, the attempt spans, pydantic-ai gen_ai spans (and OTel metrics where the service exports "
         "them) — all exported; its events arrive with a W3C `traceparent`, as from a traced publisher "
         "(`stanchion publish`, `publish_traced`), so the service continues their traces. **off** has no endpoint "
@@ -71,14 +72,14 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
         "rate = events / (first publish → last result).",
     )
     n, rounds = (300, 3) if quick else (800, 5)
-    with provider(0.0) as base_url, OtlpReceiver() as receiver:
+    with provider(0.0) as base_url, collector() as received:
         policy = policy_file(directory, model_policy(base_url))
         off_settings = lane_settings(url, max_in_flight=16)
         on_settings = lane_settings(url, max_in_flight=16)
         with (
             services(off_settings, directory, STANCHION_POLICY=str(policy)) as off,
             services(
-                on_settings, directory, STANCHION_POLICY=str(policy), OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint
+                on_settings, directory, STANCHION_POLICY=str(policy), OTEL_EXPORTER_OTLP_ENDPOINT=received.endpoint
             ) as on,
         ):
             client = await nats.connect(url)
@@ -92,25 +93,25 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
                 await asyncio.sleep(6)  # let the batch span processor export the last spans
             finally:
                 await client.close()
-        spans = receiver.snapshot()
-        metrics = {name: len(receiver.metric_points(name)) for name in list(receiver.metrics)}
     ratio = median(values["on"]) / median(values["off"])
     events_on = 100 + n * rounds
     extra_ms = (1 / median(values["on"]) - 1 / median(values["off"])) * 1000
     if ratio < 0.75:
         report.notes.append(
             f"Missed: tracing costs {extra_ms:.1f} ms of wall time per event at 16 in flight, for about "
-            f"{len(spans) / events_on:.1f} spans per event (each created, ended, batched, serialised to protobuf and "
-            "posted). The reference rows show the same shape without the service: FastStream's own messaging "
-            "spans alone cut a bare consumer's rate by more than half. Not tried here: sampling (a ParentBased ratio "
+            f"{received.spans / events_on:.1f} spans per event (each created, ended, batched, serialised to "
+            "protobuf and posted). The reference rows show the same shape without the service: FastStream's own "
+            "messaging spans alone cut a bare consumer's rate by more than half. Not tried here: sampling "
+            "(a ParentBased ratio "
             "sampler would cut the cost in proportion), or dropping the per-request gen_ai spans."
         )
     report.add("tracing off (events/s)", f"{median(values['off']):.0f}", detail=spread(values["off"]))
     report.add("traced + exported (events/s)", f"{median(values['on']):.0f}", detail=spread(values["on"]))
     report.add("ratio on / off", f"{ratio:.3f}", "≥ 0.75", ratio >= 0.75)
-    names = sorted({s.name.split(" ")[-1] if " " in s.name else s.name for s in spans})
+    names = sorted({name.split(" ")[-1] for name in received.names})
+    metrics = received.metrics
     report.notes.append(
-        f"The receiver got {len(spans)} spans ({', '.join(names[:8])}) and "
+        f"The receiver got {received.spans} spans ({', '.join(names[:8])}) and "
         f"{sum(metrics.values())} metric points ({', '.join(sorted(metrics)[:6]) or 'no metrics exported yet'})."
     )
     return report

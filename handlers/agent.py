@@ -198,6 +198,16 @@ class _Priced(WrapperModel):
         tuple[ModelSettings | None, ModelRequestParameters, tuple[ModelSettings | None, ModelRequestParameters]] | None
     ) = None
 
+    def __init__(self, wrapped: Model) -> None:
+        super().__init__(wrapped)
+        self._base_url = wrapped.base_url
+
+    @property
+    def base_url(self) -> str | None:
+        """The wrapped model's, read once: the instrumentation asks on every request for its ``server.*``
+        attributes, and the SDK client builds the string anew each time."""
+        return self._base_url
+
     def prepare_request(
         self,
         model_settings: ModelSettings | None,

@@ -131,8 +131,8 @@ def run() -> None:
     from handlers.app import create_app
     from handlers.service import ClassifierService
 
-    telemetry = configure_telemetry(settings)
     try:
+        telemetry = configure_telemetry(settings)
         service = ClassifierService(settings, policy)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
@@ -167,7 +167,10 @@ def publish(
     if not settings.nats_url:
         raise _fail("configuration error: NATS_URL is not set: publish needs a running server")
     lines = [payload.encode()] if payload is not None else _read_lines(file)
-    telemetry = configure_telemetry(settings)  # each event's trace starts here when tracing is configured
+    try:
+        telemetry = configure_telemetry(settings)  # each event's trace starts here when tracing is configured
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
     try:
         asyncio.run(_publish(settings, settings.nats_url, subject, lines))
     finally:

@@ -1,15 +1,16 @@
 """OpenTelemetry: traces and metrics exported over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
 
 Spans of one event, in one trace: the publisher's ``<subject> publish`` (``stanchion publish`` or
-``publish_traced``; W3C trace context in the NATS headers) → FastStream's ``<subject> process`` →
-``stanchion.stack`` (every decision as an event) → one ``stanchion.attempt <candidate>`` per model call →
+``publish_traced``; W3C trace context in the NATS headers) → FastStream's ``<subject> process`` (the stack's
+decisions as its events and attributes) → one ``stanchion.attempt <candidate>`` per model call →
 pydantic-ai's ``chat <model>`` (gen_ai attributes, tokens; no prompt or answer unless
 ``STANCHION_TRACE_CONTENT``) — and, beside the stack, ``<output subject> publish`` for the result.
 
 The SDK reads the other standard variables itself: ``OTEL_TRACES_SAMPLER``/``_ARG``,
 ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_TIMEOUT``, ``OTEL_BSP_*``, ``OTEL_METRIC_EXPORT_INTERVAL``.
-Export runs on background threads with bounded queues: a collector that is down costs dropped spans,
-never a blocked or failed handler. Without an endpoint nothing is configured and nothing is paid.
+Exemplars are off unless ``OTEL_METRICS_EXEMPLAR_FILTER`` asks for them. Export runs on background threads
+with bounded queues: a collector that is down costs dropped spans, never a blocked or failed handler.
+Without an endpoint nothing is configured and nothing is paid.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from opentelemetry import metrics, trace
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.propagate import inject
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    AlwaysOnExemplarFilter,
+    ExemplarFilter,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -39,9 +46,15 @@ from opentelemetry.semconv.trace import SpanAttributes
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
+from handlers.errors import ConfigError
 from handlers.settings import Settings
 
 SHUTDOWN_TIMEOUT_MS = 5000
+_EXEMPLAR_FILTERS: dict[str, type[ExemplarFilter]] = {
+    "always_off": AlwaysOffExemplarFilter,
+    "always_on": AlwaysOnExemplarFilter,
+    "trace_based": TraceBasedExemplarFilter,
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +98,16 @@ def configure_telemetry(settings: Settings) -> Telemetry | None:
         if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() == "none"
         else [PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=metrics_endpoint))]
     )
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    # Exemplars (a sampled trace id on each measurement) only when asked for: the collector's Prometheus exporter
+    # drops them unless OpenMetrics is on, and sampling one costs a share of every measurement.
+    exemplars = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "always_off").strip().lower()
+    if exemplars not in _EXEMPLAR_FILTERS:
+        raise ConfigError(
+            f"OTEL_METRICS_EXEMPLAR_FILTER must be one of {', '.join(_EXEMPLAR_FILTERS)}, not {exemplars!r}"
+        )
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=readers, exemplar_filter=_EXEMPLAR_FILTERS[exemplars]()
+    )
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
     _configured = Telemetry(tracer_provider, meter_provider)

@@ -65,6 +65,10 @@ def test_demo_answers_every_sample_with_the_heuristic_and_leaves_no_server(tmp_p
         ({"STANCHION_POLICY": "/nonexistent/policy.toml"}, "STANCHION_POLICY"),
         ({"STANCHION_MAX_IN_FLIGHT": "lots"}, "STANCHION_MAX_IN_FLIGHT"),
         ({"STANCHION_PROFILE": "staging"}, "STANCHION_PROFILE"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_METRICS_EXEMPLAR_FILTER": "sometimes"},
+            "OTEL_METRICS_EXEMPLAR_FILTER",
+        ),
     ],
 )
 def test_a_bad_setting_stops_start_up_naming_it(env: dict[str, str], names: str, tmp_path: Path) -> None:
