@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -357,6 +358,22 @@ async def _dead_letter(publisher: Any, dead: DeadLetter, msg: NatsMessage) -> No
     )
 
 
+def tune_gc(threshold: int) -> None:
+    """Tune the cyclic garbage collector for a long-running service, once start-up is over.
+
+    Everything alive after start-up (imported modules, schemas, clients) is frozen out of later collections,
+    and the young generation is collected every ``threshold`` allocations instead of Python's 700: with spans
+    waiting in the exporter's batch, the default made tracing cost about 40 % more CPU per event (bench/).
+    ``0`` leaves the collector as Python set it.
+    """
+    if threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(threshold, gen1, gen2)
+
+
 def _module_app() -> FastStream:
     """The app for ``faststream run handlers.app:app``: settings from the environment.
 
@@ -391,6 +408,10 @@ def _module_app() -> FastStream:
             # The broker was built before the server existed; point its (not yet opened) connection at it.
             broker._connection_kwargs["servers"] = [url]
             log.info("embedded nats-server started", url=url, pid=server.process.pid if server.process else None)
+
+    @application.after_startup
+    def tuned() -> None:
+        tune_gc(settings.gc_threshold)
 
     @application.after_shutdown
     def stop_embedded() -> None:

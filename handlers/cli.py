@@ -128,7 +128,7 @@ def _safe_url(url: str) -> str:
 def run() -> None:
     """Run the service: consume tasks, answer them, publish results (logs on stderr; Ctrl-C stops it)."""
     settings, policy = _configure()
-    from handlers.app import create_app
+    from handlers.app import create_app, tune_gc
     from handlers.service import ClassifierService
 
     try:
@@ -144,6 +144,7 @@ def run() -> None:
             app = create_app(settings, service, url=url)
         except ConfigError as exc:
             raise _fail(f"configuration error: {exc}") from None
+        app.after_startup(lambda: tune_gc(settings.gc_threshold))
         await app.run()
 
     try:

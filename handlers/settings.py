@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     trace_content: bool = False
     budget_usd: float | None = Field(default=None, gt=0)
+    gc_threshold: int = Field(default=10_000, ge=0)
+    """Python's generation-0 GC threshold once the service has started (0: leave Python's); see ``tune_gc``."""
 
     @field_validator("policy")
     @classmethod
