@@ -410,7 +410,7 @@ def _module_app() -> FastStream:
             log.info("embedded nats-server started", url=url, pid=server.process.pid if server.process else None)
 
     @application.after_startup
-    def tuned() -> None:
+    async def tuned() -> None:
         tune_gc(settings.gc_threshold)
 
     @application.after_shutdown

@@ -144,7 +144,11 @@ def run() -> None:
             app = create_app(settings, service, url=url)
         except ConfigError as exc:
             raise _fail(f"configuration error: {exc}") from None
-        app.after_startup(lambda: tune_gc(settings.gc_threshold))
+
+        async def tuned() -> None:  # on the loop's thread (FastStream runs sync hooks in a worker thread)
+            tune_gc(settings.gc_threshold)
+
+        app.after_startup(tuned)
         await app.run()
 
     try:
