@@ -186,7 +186,7 @@ class _Capture(WrapperModel):
 
 
 class _Priced(WrapperModel):
-    """Prices each response as it arrives, so that the instrumentation around it reports that cost instead of
+    """Prices each response once, as it arrives: the instrumentation around it then reports that cost instead of
     pricing the response a second time (genai-prices is a visible share of the per-event CPU).
 
     It also remembers the last ``prepare_request``: the instrumentation prepares each request once more for its
@@ -259,13 +259,15 @@ class _Plan:
     parameters: ModelRequestParameters
     output_tools: frozenset[str]
     """Names of the output tools in tool mode; empty when the output comes as text (native, prompted)."""
+    priced: Model
+    """The target's model, pricing each response."""
     instrumented: tuple[InstrumentationSettings, Model] | None = None
 
-    def model(self, target: ModelTarget, settings: InstrumentationSettings | None) -> Model:
+    def model(self, settings: InstrumentationSettings | None) -> Model:
         if settings is None:
-            return target.model
+            return self.priced
         if self.instrumented is None or self.instrumented[0] is not settings:
-            self.instrumented = (settings, InstrumentedModel(_Priced(target.model), settings))
+            self.instrumented = (settings, InstrumentedModel(self.priced, settings))
         return self.instrumented[1]
 
     def accept(self, response: ModelResponse) -> TaskClassification | None:
@@ -332,12 +334,11 @@ class AgentTerminal:
         plan = await self._plan(target) if self._fast else None
         if plan is None:
             return self._record(call, target, await self._run(self.agent, text, target.model, target))
-        model = plan.model(target, self._instrumentation())
+        model = plan.model(self._instrumentation())
         request = ModelRequest(parts=[UserPromptPart(text)], instructions=plan.instructions)
         response = await model_request(
             model, [request], model_settings=plan.settings, model_request_parameters=plan.parameters, instrument=False
         )
-        fill_response_cost(response)
         output = plan.accept(response)
         if output is None:
             return self._record(call, target, await self._run(self._twin, text, _ReplayFirst(model, response), target))
@@ -415,7 +416,7 @@ class AgentTerminal:
             tools = frozenset()
         else:
             return None
-        return _Plan(request.instructions, settings, params, tools)
+        return _Plan(request.instructions, settings, params, tools, _Priced(target.model))
 
 
 def _output_type(spec: OutputSpec[TaskClassification]) -> object:
