@@ -83,6 +83,13 @@ def configure_telemetry(settings: Settings) -> Telemetry | None:
         return None
     if _configured is not None:
         return _configured
+    # Exemplars (a sampled trace id on each measurement) only when asked for: the collector's Prometheus exporter
+    # drops them unless OpenMetrics is on, and sampling one costs a share of every measurement.
+    exemplars = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "always_off").strip().lower()
+    if exemplars not in _EXEMPLAR_FILTERS:
+        raise ConfigError(
+            f"OTEL_METRICS_EXEMPLAR_FILTER must be one of {', '.join(_EXEMPLAR_FILTERS)}, not {exemplars!r}"
+        )
     resource = Resource.create({"service.name": settings.otel_service_name})
     base = settings.otel_endpoint.rstrip("/")
     # The endpoint may come from .env, which the exporters do not read: hand it over (the signal-specific
@@ -98,13 +105,6 @@ def configure_telemetry(settings: Settings) -> Telemetry | None:
         if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() == "none"
         else [PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=metrics_endpoint))]
     )
-    # Exemplars (a sampled trace id on each measurement) only when asked for: the collector's Prometheus exporter
-    # drops them unless OpenMetrics is on, and sampling one costs a share of every measurement.
-    exemplars = os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER", "always_off").strip().lower()
-    if exemplars not in _EXEMPLAR_FILTERS:
-        raise ConfigError(
-            f"OTEL_METRICS_EXEMPLAR_FILTER must be one of {', '.join(_EXEMPLAR_FILTERS)}, not {exemplars!r}"
-        )
     meter_provider = MeterProvider(
         resource=resource, metric_readers=readers, exemplar_filter=_EXEMPLAR_FILTERS[exemplars]()
     )
