@@ -326,8 +326,8 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
             f"Missed through NATS: the diagnostic row puts {min(max(kv_share, 0.0), 1.0):.0%} of the gap on the NATS "
             "KV result store (a get before and two puts after every answer, each a JetStream round trip); the rest "
             "is the middleware stack, the heartbeat timer and the info log lines (one per event, one per "
-            "model call). With a fast terminal "
-            "the agent no longer hides them: see the in-process ratio and its profiles below."
+            "model call). With a fast terminal the agent no longer hides them: see the in-process ratio and its "
+            "profiles below."
         )
     full_svc, bare_svc = bench_stack.services()
     await bench_stack.throughput(full_svc, 200)

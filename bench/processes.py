@@ -64,12 +64,11 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
         "Two `stanchion run` processes on the suite's nats-server, the same policy (one model on the fake "
         "provider with no latency, then the heuristic), 16 in flight. **on** has `OTEL_EXPORTER_OTLP_ENDPOINT` "
         "set to a real OTLP/HTTP receiver (`tests/otlp_receiver.py`) in a process of its own, like a collector "
-        "(`bench/collector.py`): FastStream "
-        "messaging spans, the attempt spans, pydantic-ai gen_ai spans (and OTel metrics where the service exports "
-        "them) — all exported; its events arrive with a W3C `traceparent`, as from a traced publisher "
-        "(`stanchion publish`, `publish_traced`), so the service continues their traces. **off** has no endpoint "
-        "and plain events. Bursts of fresh events alternate between the two; "
-        "rate = events / (first publish → last result).",
+        "(`bench/collector.py`): FastStream messaging spans, the attempt spans, pydantic-ai gen_ai spans (and OTel "
+        "metrics where the service exports them) — all exported; its events arrive with a W3C `traceparent`, as "
+        "from a traced publisher (`stanchion publish`, `publish_traced`), so the service continues their traces. "
+        "**off** has no endpoint and plain events. Bursts of fresh events alternate between the two; rate = events "
+        "/ (first publish → last result).",
     )
     n, rounds = (300, 3) if quick else (800, 5)
     with provider(0.0) as base_url, collector() as received:
@@ -101,9 +100,8 @@ async def tracing(url: str, directory: Path, *, quick: bool) -> Report:
             f"Missed: tracing costs {extra_ms:.1f} ms of wall time per event at 16 in flight, for about "
             f"{received.spans / events_on:.1f} spans per event (each created, ended, batched, serialised to "
             "protobuf and posted). The reference rows show the same shape without the service: FastStream's own "
-            "messaging spans alone cut a bare consumer's rate by more than half. Not tried here: sampling "
-            "(a ParentBased ratio "
-            "sampler would cut the cost in proportion), or dropping the per-request gen_ai spans."
+            "messaging spans alone cut a bare consumer's rate by more than half. Not tried here: sampling (a "
+            "ParentBased ratio sampler would cut the cost in proportion), or dropping the per-request gen_ai spans."
         )
     report.add("tracing off (events/s)", f"{median(values['off']):.0f}", detail=spread(values["off"]))
     report.add("traced + exported (events/s)", f"{median(values['on']):.0f}", detail=spread(values["on"]))
