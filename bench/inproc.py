@@ -12,7 +12,6 @@ import contextlib
 import cProfile
 import inspect
 import io
-import logging
 import pstats
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -88,11 +87,8 @@ class NaiveAgentTerminal:
 
 
 def quiet_logging(directory: Path) -> None:
-    """The service's logging (info, console renderer), written to a file instead of the terminal."""
-    configure_logging("info", "console", ())
-    handler = logging.getLogger().handlers[0]
-    assert isinstance(handler, logging.StreamHandler)
-    handler.setStream(open(directory / "inproc.log", "a"))  # noqa: SIM115 - lives as long as the process
+    """The service's logging as in production (info, JSON), written to a file instead of the terminal."""
+    configure_logging("info", "json", (), stream=open(directory / "inproc.log", "a"))  # noqa: SIM115 - lives as long as the process
 
 
 # -- reference points -----------------------------------------------------------------------------

@@ -152,7 +152,10 @@ def create_app(
         title="tasks",
         description="TaskEvents to classify. Anything that is not a valid TaskEvent becomes a dead letter.",
     )
-    async def classify(body: TaskEvent | bytes, msg: NatsMessage) -> None:
+    async def classify(body: TaskEvent | bytes) -> None:
+        # The message from FastStream's context, not as a `msg: NatsMessage` parameter: FastDepends resolves such a
+        # parameter with a synchronous function it runs in a worker thread, a thread hop for every message.
+        msg: NatsMessage = broker.context.get_local("message")
         data = body if isinstance(body, bytes) else body.model_dump_json().encode()
         delivery = delivery_count(msg)
         subject = msg.raw_message.subject or settings.input_subject

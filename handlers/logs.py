@@ -3,6 +3,10 @@
 Every line carries the current OpenTelemetry ``trace_id`` and ``span_id`` when there is a span, and what
 the handler bound with ``structlog.contextvars`` (``event_id``, ``subject``). Secrets are masked twice: any
 known secret value anywhere in a line, and the whole value of any field whose name says it is one.
+
+Our own lines take structlog's native path (a level-filtering logger writing rendered lines to the stream);
+the standard library's (FastStream, nats, OpenTelemetry) go through a handler on the root logger with the same
+processors and renderer. Both write to the same stream, so the output is one stream of lines in one format.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from opentelemetry import trace
@@ -38,12 +42,21 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
 
 def redactor_processor(redact: Redactor) -> Any:
     """A structlog processor masking secret-named fields and every known secret in any string field."""
+    secret_named: dict[str, bool] = {}  # field names come from code: a small set, each matched once
+
+    def is_secret_name(key: str) -> bool:
+        named = secret_named.get(key)
+        if named is None:
+            named = SECRET_FIELD.search(key) is not None
+            if len(secret_named) < 4096:
+                secret_named[key] = named
+        return named
 
     def redact_event(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for key, value in event.items():
             if value is None or key in ("trace_id", "span_id"):
                 continue
-            if SECRET_FIELD.search(key):
+            if is_secret_name(key):
                 event[key] = "***"
             elif isinstance(value, str):
                 event[key] = redact(value)
@@ -78,8 +91,18 @@ class LlmCallLog:
         )
 
 
-def configure_logging(level: str = "info", fmt: str = "console", secrets: Iterable[str] = ()) -> None:
-    """Route structlog and the standard library (FastStream, nats) through one redacting renderer on stderr."""
+def configure_logging(
+    level: str = "info", fmt: str = "console", secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
+    """Route structlog and the standard library (FastStream, nats) through one redacting renderer.
+
+    Args:
+        level: Lowest level written.
+        fmt: ``json`` or ``console``.
+        secrets: Values masked wherever they appear.
+        stream: Where lines go (default: standard error).
+    """
+    stream = stream or sys.stderr
     redact_event = redactor_processor(Redactor(secrets))
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
@@ -93,12 +116,14 @@ def configure_logging(level: str = "info", fmt: str = "console", secrets: Iterab
         redact_event,
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, renderer],
+        logger_factory=structlog.WriteLoggerFactory(stream),
+        # Levels below `level` are no-ops; no LogRecord, handler or formatter per line.
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        # Not cached: module-level loggers must follow a later configure_logging (tests, `stanchion demo`).
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,

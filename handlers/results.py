@@ -72,7 +72,8 @@ class KeyValueResultStore:
                     try:
                         self._kv = await js.key_value(self.bucket)
                     except BucketNotFoundError:
-                        self._kv = await js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1)
+                        # Direct gets: a lookup is answered by any server holding the stream, without the JSON API.
+                        self._kv = await js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1, direct=True)
         return self._kv
 
     async def get(self, event_id: str) -> StoredResult | None:

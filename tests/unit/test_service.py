@@ -172,3 +172,14 @@ def test_a_secret_cut_off_at_the_end_of_a_text_is_masked_too() -> None:
     redact = Redactor(["nats-token-0123456789"])
     assert redact("error: token=nats-token-01") == "error: token=***"
     assert redact("whole nats-token-0123456789 here") == "whole *** here"
+
+
+def test_the_redactor_masks_key_shapes_and_leaves_other_text_as_it_is() -> None:
+    """Texts without a secret's head or a key shape pass unchanged; key shapes are masked with no secret known."""
+    redact = Redactor(["hunter2-password"])
+    assert redact("openai-chat:gpt-4o-mini answered in 12 ms") == "openai-chat:gpt-4o-mini answered in 12 ms"
+    assert redact("auth: Bearer abcdefgh12345678") == "auth: ***"
+    assert redact("key sk-proj-abcdefgh1234 leaked") == "key *** leaked"
+    assert redact("sk-ant-abcdefgh1234") == "***"
+    assert redact("pw=hunter2-password, hunting") == "pw=***, hunting"
+    assert redact("pw=hunter2-pass") == "pw=***"

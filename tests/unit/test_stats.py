@@ -117,9 +117,8 @@ def test_log_lines_mask_secret_fields_and_known_secrets() -> None:
     stream = io.StringIO()
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    configure_logging("info", "json", ["sk-known-secret-123"])
+    configure_logging("info", "json", ["sk-known-secret-123"], stream=stream)
     try:
-        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
         log = structlog.get_logger("t")
         log.info("calling", api_key="abc-unknown", nats_token="t0ken", input_tokens=12, detail="sk-known-secret-123!")
         logging.getLogger("foreign").warning("stdlib line with sk-known-secret-123")
