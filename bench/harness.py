@@ -239,6 +239,7 @@ def lane_settings(nats_url: str, **overrides: Any) -> Settings:
         "dlq_stream": f"B{n}_DLQ",
         "durable": f"b{n}-classifier",
         "result_bucket": f"b{n}_results",
+        "log_format": "json",  # as in production (the compose file's setting)
     }
     return Settings(nats_url=nats_url, **{**names, **overrides})
 
@@ -261,6 +262,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "STANCHION_MAX_IN_FLIGHT": str(settings.max_in_flight),
         "STANCHION_REPLICAS": str(settings.replicas),
         "STANCHION_LOG_LEVEL": settings.log_level,
+        "STANCHION_LOG_FORMAT": settings.log_format,
     }
     return {**env, **names, **extra}
 
