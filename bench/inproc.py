@@ -228,7 +228,9 @@ def bare_app(settings: Settings, candidate: Candidate, terminal: AgentTerminal) 
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_body,
     )
-    async def classify(body: bytes, msg: NatsMessage) -> None:
+    async def classify(body: bytes) -> None:
+        # As the app does: the message from FastStream's context (a `msg` parameter costs a worker-thread hop).
+        msg: NatsMessage = broker.context.get_local("message")
         started = time.perf_counter()
         event = TaskEvent.model_validate_json(body)
         call = Call(event=event, subject=settings.input_subject, headers=dict(msg.headers), timeout=60.0)

@@ -106,8 +106,9 @@ def create_app(
     broker = broker or create_broker(settings, url)
     if not service.results_given:
         # Replicas share answered results through a KV bucket; the connection opens later, hence the lambda.
+        state = broker.config.connection_state
         service.results = KeyValueResultStore(
-            lambda: broker.config.connection_state.stream, settings.result_bucket, settings.result_ttl_s
+            lambda: state.connection, settings.result_bucket, settings.result_ttl_s, js=lambda: state.stream
         )
     results = broker.publisher(
         settings.output_subject,

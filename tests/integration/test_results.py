@@ -1,0 +1,44 @@
+"""The NATS KV result store on a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import nats
+
+from handlers.embedded import EmbeddedNats
+from handlers.results import KeyValueResultStore, StoredResult
+
+_buckets = itertools.count()
+
+
+async def test_a_stored_result_is_there_as_soon_as_put_returns(nats_server: EmbeddedNats) -> None:
+    """A result not yet published is confirmed by the bucket before ``put`` returns, whatever the event id holds."""
+    client = await nats.connect(nats_server.url)
+    try:
+        store = KeyValueResultStore(lambda: client, f"r{next(_buckets)}_results", ttl_s=60)
+        event_id = "tenant 7/ticket #42 ✓"
+        assert await store.get(event_id) is None
+        await store.put(event_id, StoredResult(b'{"event_id": "x"}', published=False))
+        assert await store.get(event_id) == StoredResult(b'{"event_id": "x"}', published=False)
+    finally:
+        await client.close()
+
+
+async def test_the_published_mark_replaces_the_stored_result(nats_server: EmbeddedNats) -> None:
+    """The published mark, sent without waiting for a confirmation, is what a later lookup (a redelivery) finds."""
+    client = await nats.connect(nats_server.url)
+    try:
+        store = KeyValueResultStore(lambda: client, f"r{next(_buckets)}_results", ttl_s=60)
+        await store.put("e-1", StoredResult(b"body", published=False))
+        await store.put("e-1", StoredResult(b"body", published=True))
+        await client.flush()
+        for _ in range(50):  # the bucket stores it on its own time: poll briefly
+            if (found := await store.get("e-1")) is not None and found.published:
+                break
+            await asyncio.sleep(0.02)
+        assert found == StoredResult(b"body", published=True)
+        assert await store.get("e-2") is None
+    finally:
+        await client.close()
