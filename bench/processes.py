@@ -20,6 +20,7 @@ from nats.aio.client import Client
 
 from bench.harness import (
     PIDS,
+    PY_SPY,
     Lane,
     Report,
     Service,
@@ -181,7 +182,11 @@ async def concurrency(url: str, directory: Path, *, quick: bool, profile: bool =
                 )
             finally:
                 await client.close()
-        if profile:
+        if profile and not PY_SPY.exists():
+            report.notes.append(
+                f"No profiles of the service: py-spy is not installed ({PY_SPY}; `pip install -e '.[bench]'`)."
+            )
+        elif profile:
             # Where the service's CPU goes on the HTTP path: one more service per provider, under py-spy, one burst.
             for label, policy in (("the instant provider", fast_policy), ("the 200 ms provider", slow_policy)):
                 spy_s = lane_settings(url, max_in_flight=64)
