@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from anthropic import AsyncAnthropic
-from openai import AsyncOpenAI
+from anthropic import DefaultAioHttpClient as AnthropicAioHttpClient
+from openai import AsyncOpenAI, DefaultAioHttpClient
 from pydantic import ValidationError
 from pydantic_ai import Agent, NativeOutput, PromptedOutput, ToolOutput
 from pydantic_ai._genai_prices import fill_response_cost
@@ -82,6 +84,8 @@ def build_model(config: ModelConfig, *, attempt_timeout_s: float) -> Model:
     # max_tokens: classification answers are short, and Anthropic streams requests allowed more than ~21k tokens.
     # No max_retries here: the clients below are built with max_retries=0 already, and a max_retries in the model
     # settings makes pydantic-ai copy the SDK client for every request (a visible share of the per-event CPU).
+    # The SDKs' aiohttp transport rather than their default httpx pool: about a third less CPU per request, and
+    # the httpx pool's cost grows with the requests in flight (bench/RESULTS.md). Proxy variables still apply.
     settings = ModelSettings(timeout=attempt_timeout_s, max_tokens=1024)
     if config.provider == "anthropic":
         anthropic = AsyncAnthropic(
@@ -89,6 +93,7 @@ def build_model(config: ModelConfig, *, attempt_timeout_s: float) -> Model:
             base_url=config.base_url,
             max_retries=0,
             timeout=attempt_timeout_s,
+            http_client=AnthropicAioHttpClient(timeout=attempt_timeout_s),
         )
         return AnthropicModel(
             config.model_name, provider=AnthropicProvider(anthropic_client=anthropic), settings=settings
@@ -99,12 +104,25 @@ def build_model(config: ModelConfig, *, attempt_timeout_s: float) -> Model:
     if config.provider != "ollama" and base_url is None and api_key is None:
         raise ConfigError(f"model {config.name!r}: set {config.api_key_env or 'api_key_env'} or a base_url")
     client = AsyncOpenAI(
-        api_key=api_key or "api-key-not-set", base_url=base_url, max_retries=0, timeout=attempt_timeout_s
+        api_key=api_key or "api-key-not-set",
+        base_url=base_url,
+        max_retries=0,
+        timeout=attempt_timeout_s,
+        http_client=DefaultAioHttpClient(timeout=attempt_timeout_s),
     )
     provider = OpenAIProvider(openai_client=client)
     if config.provider == "openai":
         return OpenAIResponsesModel(config.model_name, provider=provider, settings=settings)
     return OpenAIChatModel(config.model_name, provider=provider, settings=settings)
+
+
+async def close_models(candidates: Iterable[Candidate]) -> None:
+    """Close the provider clients of the candidates' models (their HTTP connections), once nothing uses them."""
+    for candidate in candidates:
+        target = candidate.target
+        model = target.model if isinstance(target, ModelTarget) else None
+        if isinstance(model, OpenAIChatModel | OpenAIResponsesModel | AnthropicModel):
+            await model.client.close()
 
 
 def _api_key(config: ModelConfig) -> str | None:

@@ -263,6 +263,8 @@ def create_app(
         ),
         after_startup=[reconcile_consumer, announce],
         on_shutdown=[withdraw],
+        # After the broker stopped: the handlers still finishing during the grace period need the clients.
+        after_shutdown=[service.aclose],
     )
 
 

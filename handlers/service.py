@@ -22,7 +22,7 @@ from pydantic_ai.models.instrumented import InstrumentationSettings
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
 from contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
-from handlers.agent import AgentTerminal, build_agent, build_candidates
+from handlers.agent import AgentTerminal, build_agent, build_candidates, close_models
 from handlers.heuristic import classify as heuristic_classify
 from handlers.logs import LlmCallLog
 from handlers.metrics import Metrics
@@ -248,11 +248,17 @@ class ClassifierService:
         self.metrics: Metrics | None = None
         if settings.otel_endpoint:
             self.metrics = Metrics(metrics.get_meter_provider(), self.stats, settings.input_subject)
+        self.candidates: dict[str, Candidate] = {}
+        """The model candidates this service built from the policy (none when a stack is passed in)."""
         if stack is None:
             recorders: list[AttemptRecorder] = [LlmCallLog(), self.stats, *([self.metrics] if self.metrics else [])]
+            self.candidates = build_candidates(
+                policy, attempt_timeout_s=settings.attempt_timeout_s, output_retries=settings.output_retries
+            )
             stack, breaker = build_stack(
                 settings,
                 policy,
+                candidates=self.candidates,
                 clock=clock,
                 redact=self.redact,
                 recorders=recorders,
@@ -261,6 +267,10 @@ class ClassifierService:
         self.stack = stack
         self.breaker = breaker
         self.deadline_s = policy.deadline_s or settings.deadline_s
+
+    async def aclose(self) -> None:
+        """Close the provider clients this service built (a stack passed in is the caller's to close)."""
+        await close_models(self.candidates.values())
 
     async def handle(
         self,

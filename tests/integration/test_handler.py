@@ -125,3 +125,17 @@ async def test_an_answer_slower_than_the_ack_wait_is_kept_alive_not_redelivered(
     assert result["model"] == "primary" and not result["degraded"]
     assert provider.count == 1
     assert info.num_redelivered == 0 and info.num_ack_pending == 0
+
+
+async def test_the_provider_clients_are_closed_once_the_app_has_stopped(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """The models' HTTP clients stay open while the app runs and are closed after it stopped."""
+    provider = fake_openai()
+    async with running_service(nats_server.url, policy_for(("primary", provider))) as svc:
+        await svc.publish({"id": "close-1", "text": "the export button crashes"})
+        await svc.collector.wait_for(results=1)
+        clients = [c.target.model.client for c in svc.service.candidates.values()]
+        assert clients
+        assert not any(client.is_closed() for client in clients)
+    assert all(client.is_closed() for client in clients)

@@ -7,7 +7,7 @@ Every behaviour is checked against a plain ``agent.run`` on the same scripted mo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from pydantic_ai.models.instrumented import InstrumentationSettings
 from pydantic_ai.usage import RequestUsage
 
 from contracts import TaskClassification, TaskEvent, Usage
-from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_model, output_spec, prompt
+from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_model, close_models, output_spec, prompt
 from handlers.policy import ModelConfig, OutputMode
 from middleware import Call, Candidate
 from tests.fake_openai import FakeOpenAI
@@ -267,14 +267,29 @@ async def test_uninstrumented_agent_makes_no_spans(spans: tuple[InMemorySpanExpo
 # -- over HTTP ---------------------------------------------------------------------------------------------------
 
 
-def http_target(server: FakeOpenAI, mode: OutputMode = "tool", provider: str = "openai-chat") -> ModelTarget:
-    config = ModelConfig(name="m", model=f"{provider}:gpt-4o-mini", base_url=server.base_url, output_mode=mode)
-    return ModelTarget(model=build_model(config, attempt_timeout_s=5.0), output=output_spec(mode), output_retries=2)
+HttpTarget = Callable[..., ModelTarget]
+
+
+@pytest.fixture
+async def http_target() -> AsyncIterator[HttpTarget]:
+    """Targets on a real HTTP provider: ``http_target(server, mode="tool", provider="openai-chat")``; their clients
+    are closed after the test."""
+    made: list[ModelTarget] = []
+
+    def make(server: FakeOpenAI, mode: OutputMode = "tool", provider: str = "openai-chat") -> ModelTarget:
+        config = ModelConfig(name="m", model=f"{provider}:gpt-4o-mini", base_url=server.base_url, output_mode=mode)
+        made.append(
+            ModelTarget(model=build_model(config, attempt_timeout_s=5.0), output=output_spec(mode), output_retries=2)
+        )
+        return made[-1]
+
+    yield make
+    await close_models(Candidate("m", target) for target in made)
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_over_http_the_same_request_body_output_and_usage(
-    mode: OutputMode, fake_openai: Callable[..., FakeOpenAI]
+    mode: OutputMode, fake_openai: Callable[..., FakeOpenAI], http_target: HttpTarget
 ) -> None:
     """Over real HTTP the provider gets the same body as from agent.run, and output, usage and cost agree."""
     server = fake_openai()
@@ -292,7 +307,7 @@ async def test_over_http_the_same_request_body_output_and_usage(
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_over_http_invalid_output_is_retried_then_succeeds(
-    mode: OutputMode, fake_openai: Callable[..., FakeOpenAI]
+    mode: OutputMode, fake_openai: Callable[..., FakeOpenAI], http_target: HttpTarget
 ) -> None:
     """A schema-invalid answer over HTTP is retried with the same feedback body as agent.run's, then succeeds."""
     before, after = fake_openai(), fake_openai()  # two servers: each numbers its tool calls from the start
@@ -311,7 +326,7 @@ async def test_over_http_invalid_output_is_retried_then_succeeds(
 
 
 async def test_over_http_exhausted_retries_raise_unexpected_model_behavior(
-    fake_openai: Callable[..., FakeOpenAI],
+    fake_openai: Callable[..., FakeOpenAI], http_target: HttpTarget
 ) -> None:
     """Always invalid over HTTP: UnexpectedModelBehavior after 1 + output_retries requests."""
     server = fake_openai(always="invalid")
@@ -324,7 +339,7 @@ async def test_over_http_exhausted_retries_raise_unexpected_model_behavior(
 
 @pytest.mark.parametrize("fault", ["500", "429", "401", "reset", "malformed"])
 async def test_over_http_provider_errors_propagate_as_from_agent_run(
-    fault: str, fake_openai: Callable[..., FakeOpenAI]
+    fault: str, fake_openai: Callable[..., FakeOpenAI], http_target: HttpTarget
 ) -> None:
     """HTTP errors, resets and unreadable bodies raise the very exception type agent.run raises, after one request."""
     server = fake_openai(always=fault, retry_after=0.0)
@@ -343,7 +358,7 @@ async def test_over_http_provider_errors_propagate_as_from_agent_run(
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 @pytest.mark.parametrize("mode", MODES)
 async def test_other_providers_reach_the_same_endpoint_and_fail_alike(
-    provider: str, mode: OutputMode, fake_openai: Callable[..., FakeOpenAI]
+    provider: str, mode: OutputMode, fake_openai: Callable[..., FakeOpenAI], http_target: HttpTarget
 ) -> None:
     """Responses and Anthropic models go to their own endpoint (a 404 here) and raise what agent.run raises."""
     server = fake_openai()
@@ -359,7 +374,7 @@ async def test_other_providers_reach_the_same_endpoint_and_fail_alike(
 
 
 async def test_over_http_instrumented_chat_spans(
-    fake_openai: Callable[..., FakeOpenAI], spans: tuple[InMemorySpanExporter, TracerProvider]
+    fake_openai: Callable[..., FakeOpenAI], spans: tuple[InMemorySpanExporter, TracerProvider], http_target: HttpTarget
 ) -> None:
     """Over HTTP with tracing on, each request has a chat span with the provider's token counts."""
     exporter, provider = spans
