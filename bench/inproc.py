@@ -14,6 +14,7 @@ import inspect
 import io
 import pstats
 import time
+import tomllib
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from bench import bench_stack
-from bench.harness import Lane, Report, interleave, lane_settings, median, spread
+from bench.harness import Lane, Report, interleave, lane_settings, median, model_policy, provider, spread
 from contracts import ResultEnvelope, TaskClassification, TaskEvent, Usage
-from handlers.agent import AgentTerminal, ModelTarget, build_agent, prompt
+from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_candidates, close_models, prompt
 from handlers.app import create_app, create_broker, raw_body
 from handlers.logs import configure_logging
 from handlers.policy import Policy
@@ -258,11 +259,13 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
         "1. Overhead: full stack vs bare FastStream handler",
         "Both variants consume from JetStream through FastStream in the benchmark process, with the same "
         "subscriber settings (pull batch 8, 16 workers, manual ack) and publish a JetStream-confirmed result "
-        "envelope. The agent is pydantic-ai `agent.run` with an instant `FunctionModel` (in-process, so the "
+        "envelope. The agent is `AgentTerminal` with an instant `FunctionModel` (in-process, so the "
         "comparison is not diluted by an HTTP client and a provider). **full** = `create_app` with a "
-        "`ClassifierService`: Route → Fallback → Retry → CircuitBreaker → Timeout, the NATS KV result store, "
-        "heartbeats, info logs (to a file). **bare** = a FastStream handler that validates the event, calls the "
-        "same `AgentTerminal` and publishes. Bursts of fresh events; rate = events / (first publish → last "
+        "`ClassifierService`: Route → Fallback → Retry → CircuitBreaker → Observe → Timeout, the NATS KV result "
+        "store, heartbeats, info logs (JSON, to a file). **bare** = a FastStream handler that validates the event, "
+        "calls the same `AgentTerminal` and publishes (taking the message from FastStream's context, as the app "
+        "does). **over HTTP**: the same pair with the model on the fake OpenAI-compatible provider (no latency, "
+        "its own process), as the service runs it. Bursts of fresh events; rate = events / (first publish → last "
         "result). The in-process row is `bench/bench_stack.py` (`ClassifierService.handle`, no NATS).",
     )
     quiet_logging(directory)
@@ -285,16 +288,29 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
     client = await nats.connect(url)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            await full.start()
-            stack.push_async_callback(full.stop)
-            await bare.start()
-            stack.push_async_callback(bare.stop)
-            await local.start()
-            stack.push_async_callback(local.stop)
+            # The same pair with the agent on the fake provider over HTTP (its own process), as the service runs it.
+            base_url = stack.enter_context(provider(0.0))
+            (http_candidate,) = build_candidates(
+                Policy.model_validate(tomllib.loads(model_policy(base_url))), attempt_timeout_s=20.0, output_retries=1
+            ).values()
+            stack.push_async_callback(close_models, [http_candidate])
+            http_full_settings = lane_settings(url, max_in_flight=16)
+            http_stack, http_breaker = build_stack(
+                http_full_settings, POLICY, terminal=terminal, candidates={"fast": http_candidate}
+            )
+            http_service = ClassifierService(http_full_settings, POLICY, stack=http_stack, breaker=http_breaker)
+            http_full = create_app(http_full_settings, http_service, url=url)
+            http_bare_settings = lane_settings(url, max_in_flight=16)
+            http_bare = bare_app(http_bare_settings, http_candidate, terminal)
+            for app in (full, bare, local, http_full, http_bare):
+                await app.start()
+                stack.push_async_callback(app.stop)
             full_lane = await Lane(client, full_settings).start()
             bare_lane = await Lane(client, bare_settings).start()
             local_lane = await Lane(client, local_settings).start()
-            for lane in (full_lane, bare_lane, local_lane):
+            http_full_lane = await Lane(client, http_full_settings).start()
+            http_bare_lane = await Lane(client, http_bare_settings).start()
+            for lane in (full_lane, bare_lane, local_lane, http_full_lane, http_bare_lane):
                 await lane.ready()
                 await lane.burst(200)  # warm-up
             values = await interleave(
@@ -302,6 +318,8 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
                     ("bare", lambda: bare_lane.burst(n)),
                     ("full", lambda: full_lane.burst(n)),
                     ("full, results in memory", lambda: local_lane.burst(n)),
+                    ("bare over HTTP", lambda: http_bare_lane.burst(n)),
+                    ("full over HTTP", lambda: http_full_lane.burst(n)),
                 ],
                 rounds,
             )
@@ -327,6 +345,18 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
             "model call). With a fast terminal the agent no longer hides them: see the in-process ratio and its "
             "profiles below."
         )
+    http_ratio = median(values["full over HTTP"]) / median(values["bare over HTTP"])
+    report.add(
+        "bare handler, agent over HTTP (events/s)",
+        f"{median(values['bare over HTTP']):.0f}",
+        detail=spread(values["bare over HTTP"]),
+    )
+    report.add(
+        "full stack, agent over HTTP (events/s)",
+        f"{median(values['full over HTTP']):.0f}",
+        detail=spread(values["full over HTTP"]),
+    )
+    report.add("ratio full / bare, agent over HTTP", f"{http_ratio:.3f}", "≥ 0.95", http_ratio >= 0.95)
     full_svc, bare_svc = bench_stack.services()
     await bench_stack.throughput(full_svc, 200)
     await bench_stack.throughput(bare_svc, 200)
