@@ -340,10 +340,11 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
         kv_share = (local_rate - median(values["full"])) / max(median(values["bare"]) - median(values["full"]), 1e-9)
         report.notes.append(
             f"Missed through NATS: the diagnostic row puts {min(max(kv_share, 0.0), 1.0):.0%} of the gap on the NATS "
-            "KV result store (a get before and two puts after every answer, each a JetStream round trip); the rest "
-            "is the middleware stack, the heartbeat timer and the info log lines (one per event, one per "
-            "model call). With a fast terminal the agent no longer hides them: see the in-process ratio and its "
-            "profiles below."
+            "KV result store (a get before and a confirmed put after every answer, each a JetStream round trip, and "
+            "the unconfirmed published mark); the rest is the middleware stack, the heartbeat timer and the info log "
+            "lines (one per event, one per model call). With a fast terminal the agent no longer hides them: see "
+            "the in-process ratio and its profiles below. With the agent over HTTP the same fixed costs are a "
+            "smaller share of each event."
         )
     http_ratio = median(values["full over HTTP"]) / median(values["bare over HTTP"])
     report.add(

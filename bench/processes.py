@@ -249,16 +249,15 @@ async def concurrency(url: str, directory: Path, *, quick: bool, profile: bool =
     )
     if pair_rate / ceiling < 1.7:
         needed = 1.7 * ceiling * ours_ms / 1000
+        service_ms = budget.get("service", 0.0)
+        bound = cores * service_ms / ours_ms if ours_ms else float("nan")
         report.notes.append(
             f"Missed: 1.7 x {ceiling:.0f} events/s needs {needed:.2f} cores at the CPU per event measured for the "
-            f"service, the provider, nats-server and the driver, of the {cores} the machine has"
-            + (
-                "; that is more than the machine has, so the target cannot be met here without a cheaper service."
-                if needed > cores
-                else " (less any other work on the machine): two replicas leave little headroom, and every process "
-                "beside the services (provider, nats-server) takes from the second core. The service's own CPU "
-                "per event is the lever (see the profile)."
-            )
+            f"service, the provider, nats-server and the driver, of the {cores} the machine has. One replica has a "
+            f"core to itself; two share the machine with the others, so even with every core busy two replicas "
+            f"reach at most {cores} x {service_ms:.2f} / {ours_ms:.2f} = {bound:.2f}x of one. A cheaper service "
+            "lowers that bound (the others' share grows); only the provider, nats-server and driver costing less "
+            "per event, or more cores, raise it."
         )
     report.add("2 replicas / 1", f"{pair_rate / ceiling:.3f}x", "≥ 1.7x", pair_rate / ceiling >= 1.7)
     return report
