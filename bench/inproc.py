@@ -37,7 +37,7 @@ from bench import bench_stack
 from bench.harness import Lane, Report, interleave, lane_settings, median, model_policy, provider, spread
 from contracts import ResultEnvelope, TaskClassification, TaskEvent, Usage
 from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_candidates, close_models, prompt
-from handlers.app import create_app, create_broker, raw_body
+from handlers.app import create_app, create_broker, max_ack_pending, pull_batch, raw_body
 from handlers.logs import configure_logging
 from handlers.policy import Policy
 from handlers.results import InMemoryResultStore
@@ -223,8 +223,8 @@ def bare_app(settings: Settings, candidate: Candidate, terminal: AgentTerminal) 
         settings.input_subject,
         stream=JStream(settings.input_stream, subjects=[settings.input_subject], storage=StorageType.FILE),
         durable=settings.durable,
-        pull_sub=PullSub(batch_size=min(settings.max_in_flight, 8), timeout=1.0),
-        config=ConsumerConfig(durable_name=settings.durable, max_ack_pending=settings.max_in_flight),
+        pull_sub=PullSub(batch_size=pull_batch(settings), timeout=1.0),
+        config=ConsumerConfig(durable_name=settings.durable, max_ack_pending=max_ack_pending(settings)),
         max_workers=settings.max_in_flight,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_body,

@@ -105,8 +105,9 @@ async def test_an_existing_durable_consumer_is_brought_up_to_the_settings(
         after = await svc.client.jetstream().consumer_info(settings.input_stream, settings.durable)
         await svc.publish({"id": "reconciled", "text": "still answering?"})
         await svc.collector.wait_for(results=1)
-    assert (before.config.max_deliver, before.config.ack_wait, before.config.max_ack_pending) == (5, 60.0, 8)
-    assert (after.config.max_deliver, after.config.ack_wait, after.config.max_ack_pending) == (3, 30.0, 2)
+    # max_ack_pending: the workers and one pull batch (at most 8) waiting for them.
+    assert (before.config.max_deliver, before.config.ack_wait, before.config.max_ack_pending) == (5, 60.0, 16)
+    assert (after.config.max_deliver, after.config.ack_wait, after.config.max_ack_pending) == (3, 30.0, 4)
 
 
 async def test_an_answer_slower_than_the_ack_wait_is_kept_alive_not_redelivered(
