@@ -14,7 +14,6 @@ import inspect
 import io
 import pstats
 import time
-import tomllib
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,12 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from bench import bench_stack
-from bench.harness import Lane, Report, interleave, lane_settings, median, model_policy, provider, spread
+from bench.harness import Lane, Report, interleave, lane_settings, median, provider, spread
 from contracts import ResultEnvelope, TaskClassification, TaskEvent, Usage
-from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_candidates, close_models, prompt
+from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_model, close_models, prompt
 from handlers.app import create_app, create_broker, max_ack_pending, pull_batch, raw_body
 from handlers.logs import configure_logging
-from handlers.policy import Policy
+from handlers.policy import ModelConfig, Policy
 from handlers.results import InMemoryResultStore
 from handlers.service import ClassifierService, build_stack
 from handlers.settings import Settings
@@ -290,9 +289,17 @@ async def overhead(url: str, directory: Path, *, quick: bool) -> Report:
         async with contextlib.AsyncExitStack() as stack:
             # The same pair with the agent on the fake provider over HTTP (its own process), as the service runs it.
             base_url = stack.enter_context(provider(0.0))
-            (http_candidate,) = build_candidates(
-                Policy.model_validate(tomllib.loads(model_policy(base_url))), attempt_timeout_s=20.0, output_retries=1
-            ).values()
+            http_candidate = Candidate(
+                "fast",
+                ModelTarget(
+                    build_model(
+                        ModelConfig(name="fast", model="openai-chat:gpt-4o-mini", base_url=base_url),
+                        attempt_timeout_s=20.0,
+                    ),
+                    ToolOutput(TaskClassification),
+                    1,
+                ),
+            )
             stack.push_async_callback(close_models, [http_candidate])
             http_full_settings = lane_settings(url, max_in_flight=16)
             http_stack, http_breaker = build_stack(
