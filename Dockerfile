@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY middleware ./middleware
 COPY handlers ./handlers
+COPY src ./src
 RUN pip install . && useradd --system --home-dir /app stanchion
 USER stanchion
 

@@ -23,12 +23,12 @@ from pydantic_ai import ToolOutput
 from pydantic_ai.messages import ModelMessage, ModelResponse, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 
-from contracts import TaskClassification
-from handlers.agent import AgentTerminal, ModelTarget
-from handlers.policy import Policy
-from handlers.service import Answered, ClassifierService, build_stack
-from handlers.settings import Settings
-from middleware import Call, Candidate, Stack
+from stanchion.contracts import TaskClassification
+from stanchion.handlers.models.agent import AgentTerminal, ModelTarget
+from stanchion.handlers.policy import Policy
+from stanchion.handlers.runtime.service import Answered, ClassifierService, build_stack
+from stanchion.handlers.settings import Settings
+from stanchion.middleware import Call, Candidate, Stack
 
 
 async def instant(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:

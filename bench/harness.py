@@ -30,7 +30,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from handlers.settings import Settings
+from stanchion.handlers.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 STANCHION = str(Path(sys.executable).parent / "stanchion")

@@ -34,15 +34,15 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 
 from bench import bench_stack
 from bench.harness import Lane, Report, interleave, lane_settings, median, provider, spread
-from contracts import ResultEnvelope, TaskClassification, TaskEvent, Usage
-from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_model, close_models, prompt
-from handlers.app import create_app, create_broker, max_ack_pending, pull_batch, raw_body
-from handlers.logs import configure_logging
-from handlers.policy import ModelConfig, Policy
-from handlers.results import InMemoryResultStore
-from handlers.service import ClassifierService, build_stack
-from handlers.settings import Settings
-from middleware import Call, Candidate
+from stanchion.contracts import ResultEnvelope, TaskClassification, TaskEvent, Usage
+from stanchion.handlers.models.agent import AgentTerminal, ModelTarget, build_agent, build_model, close_models, prompt
+from stanchion.handlers.nats.app import create_app, create_broker, max_ack_pending, pull_batch, raw_body
+from stanchion.handlers.observability.logs import configure_logging
+from stanchion.handlers.policy import ModelConfig, Policy
+from stanchion.handlers.runtime.results import InMemoryResultStore
+from stanchion.handlers.runtime.service import ClassifierService, build_stack
+from stanchion.handlers.settings import Settings
+from stanchion.middleware import Call, Candidate
 from tests.otlp_receiver import OtlpReceiver
 
 POLICY = Policy.model_validate(

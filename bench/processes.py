@@ -40,7 +40,7 @@ from bench.harness import (
     spread,
     summarise_profile,
 )
-from handlers.embedded import free_port
+from stanchion.handlers.nats.embedded import free_port
 
 BREAKER_OPEN = "[breaker]\nconsecutive_failures = 5\nopen_s = 600\n"
 """Trips after 5 failures and stays open for the whole measurement (no half-open probe mid-run)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import inproc, processes
 from bench.harness import PIDS, Report, print_report, render, workdir
-from handlers.embedded import EmbeddedNats
+from stanchion.handlers.nats.embedded import EmbeddedNats
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NAMES = ("reference", "overhead", "tracing", "concurrency", "failfast", "memory", "agent")

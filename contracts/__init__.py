@@ -4,20 +4,20 @@ Every model here is plain pydantic. Each carries a ``schema_version`` so consume
 with the contract: fields are only ever added (with defaults) within a major version.
 """
 
-from contracts.envelopes import (
+from stanchion.contracts.classify import (
+    MAX_TEXT_LENGTH,
+    TASK_EVENT_SCHEMA,
+    Category,
+    TaskClassification,
+    TaskEvent,
+)
+from stanchion.contracts.envelopes import (
     DEAD_LETTER_SCHEMA,
     RESULT_SCHEMA,
     DeadLetter,
     Decision,
     ResultEnvelope,
     Usage,
-)
-from contracts.events import (
-    MAX_TEXT_LENGTH,
-    TASK_EVENT_SCHEMA,
-    Category,
-    TaskClassification,
-    TaskEvent,
 )
 
 __all__ = [

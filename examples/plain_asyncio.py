@@ -16,7 +16,7 @@ from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from tenacity import stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
-from middleware import (
+from stanchion.middleware import (
     Call,
     Candidate,
     CircuitBreaker,

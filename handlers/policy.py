@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from handlers.errors import ConfigError
-from handlers.settings import Settings
+from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.settings import Settings
 
 OutputMode = Literal["tool", "native", "prompted"]
 

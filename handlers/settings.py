@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from handlers.errors import ConfigError
+from stanchion.handlers.errors import ConfigError
 
 _STANDARD_NAMES = {
     "nats_url": "NATS_URL",

@@ -4,11 +4,11 @@
 middleware listed runs outermost. Nothing here imports FastStream or the ``handlers`` package.
 """
 
-from middleware.breaker import BreakerPolicy, CircuitBreaker
-from middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
-from middleware.call import Call, Candidate
-from middleware.clock import SYSTEM_CLOCK, Clock, FakeClock, SystemClock
-from middleware.errors import (
+from stanchion.middleware.breaker import BreakerPolicy, CircuitBreaker
+from stanchion.middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
+from stanchion.middleware.call import Call, Candidate
+from stanchion.middleware.clock import SYSTEM_CLOCK, Clock, FakeClock, SystemClock
+from stanchion.middleware.errors import (
     AllCandidatesFailed,
     AttemptTimeout,
     CircuitOpenError,
@@ -21,13 +21,13 @@ from middleware.errors import (
     is_transient,
     wait_hint,
 )
-from middleware.fallback import Fallback
-from middleware.observe import AttemptRecord, AttemptRecorder, Observe
-from middleware.retry import Retry, RetryPolicy, stop_at_deadline, wait_retry_after
-from middleware.route import Route, RouteSpec, Rule
-from middleware.stack import Middleware, Next, Stack, Terminal
-from middleware.timeout import Timeout
-from middleware.tracing import Tracing
+from stanchion.middleware.fallback import Fallback
+from stanchion.middleware.observe import AttemptRecord, AttemptRecorder, Observe
+from stanchion.middleware.retry import Retry, RetryPolicy, stop_at_deadline, wait_retry_after
+from stanchion.middleware.route import Route, RouteSpec, Rule
+from stanchion.middleware.stack import Middleware, Next, Stack, Terminal
+from stanchion.middleware.timeout import Timeout
+from stanchion.middleware.tracing import Tracing
 
 __all__ = [
     "SYSTEM_CLOCK",

@@ -6,11 +6,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
-from middleware.call import Call
-from middleware.clock import SYSTEM_CLOCK, Clock
-from middleware.errors import CircuitOpenError, is_transient
-from middleware.stack import Next
+from stanchion.middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
+from stanchion.middleware.call import Call
+from stanchion.middleware.clock import SYSTEM_CLOCK, Clock
+from stanchion.middleware.errors import CircuitOpenError, is_transient
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

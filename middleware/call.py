@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from contracts import Decision, Usage
-from middleware.clock import SYSTEM_CLOCK, Clock
+from stanchion.contracts import Decision, Usage
+from stanchion.middleware.clock import SYSTEM_CLOCK, Clock
 
 
 @dataclass(frozen=True)

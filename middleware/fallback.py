@@ -8,9 +8,9 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from middleware.call import Call
-from middleware.errors import AllCandidatesFailed, DeadlineExceeded, NoCandidates, describe, failure_kind
-from middleware.stack import Next
+from stanchion.middleware.call import Call
+from stanchion.middleware.errors import AllCandidatesFailed, DeadlineExceeded, NoCandidates, describe, failure_kind
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

@@ -8,10 +8,10 @@ from typing import Protocol, TypeVar
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
-from contracts import Decision, Usage
-from middleware.call import Call, Candidate
-from middleware.errors import describe, failure_kind
-from middleware.stack import Next
+from stanchion.contracts import Decision, Usage
+from stanchion.middleware.call import Call, Candidate
+from stanchion.middleware.errors import describe, failure_kind
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

@@ -19,9 +19,9 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from middleware.call import Call
-from middleware.errors import describe, failure_kind, is_transient, wait_hint
-from middleware.stack import Next
+from stanchion.middleware.call import Call
+from stanchion.middleware.errors import describe, failure_kind, is_transient, wait_hint
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

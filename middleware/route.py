@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from middleware.call import Call, Candidate
-from middleware.stack import Next
+from stanchion.middleware.call import Call, Candidate
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Generic, Protocol, TypeVar
 
-from middleware.call import Call
+from stanchion.middleware.call import Call
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from middleware.call import Call
-from middleware.errors import AttemptTimeout, DeadlineExceeded
-from middleware.stack import Next
+from stanchion.middleware.call import Call
+from stanchion.middleware.errors import AttemptTimeout, DeadlineExceeded
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

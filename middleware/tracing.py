@@ -14,10 +14,10 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 from opentelemetry.util.types import AttributeValue
 
-from contracts import Decision
-from middleware.call import Call
-from middleware.errors import describe
-from middleware.stack import Next
+from stanchion.contracts import Decision
+from stanchion.middleware.call import Call
+from stanchion.middleware.errors import describe
+from stanchion.middleware.stack import Next
 
 R = TypeVar("R")
 

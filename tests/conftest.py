@@ -22,11 +22,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from handlers.app import create_app
-from handlers.embedded import EmbeddedNats
-from handlers.policy import Policy
-from handlers.service import ClassifierService
-from handlers.settings import Settings
+from stanchion.handlers.nats.app import create_app
+from stanchion.handlers.nats.embedded import EmbeddedNats
+from stanchion.handlers.policy import Policy
+from stanchion.handlers.runtime.service import ClassifierService
+from stanchion.handlers.settings import Settings
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent

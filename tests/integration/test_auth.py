@@ -17,10 +17,10 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from handlers.app import create_app
-from handlers.embedded import EmbeddedNats
-from handlers.service import ClassifierService
-from handlers.settings import Settings
+from stanchion.handlers.nats.app import create_app
+from stanchion.handlers.nats.embedded import EmbeddedNats
+from stanchion.handlers.runtime.service import ClassifierService
+from stanchion.handlers.settings import Settings
 from tests.conftest import (
     STANCHION,
     Collector,

@@ -19,8 +19,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from handlers.embedded import EmbeddedNats, free_port
-from middleware import BreakerState
+from stanchion.handlers.nats.embedded import EmbeddedNats, free_port
+from stanchion.middleware import BreakerState
 from tests.conftest import (
     STANCHION,
     Collector,

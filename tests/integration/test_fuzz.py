@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from contracts import DeadLetter, TaskEvent
-from handlers.embedded import EmbeddedNats
-from handlers.service import MAX_DEAD_PAYLOAD
+from stanchion.contracts import DeadLetter, TaskEvent
+from stanchion.handlers.nats.embedded import EmbeddedNats
+from stanchion.handlers.runtime.service import MAX_DEAD_PAYLOAD
 from tests.conftest import RunningService, policy_for, running_service
 from tests.fake_openai import FakeOpenAI
 

@@ -6,8 +6,8 @@ import asyncio
 import base64
 from collections.abc import Callable
 
-from contracts import DeadLetter, ResultEnvelope, TaskClassification
-from handlers.embedded import EmbeddedNats
+from stanchion.contracts import DeadLetter, ResultEnvelope, TaskClassification
+from stanchion.handlers.nats.embedded import EmbeddedNats
 from tests.conftest import policy_for, running_service, unique_settings
 from tests.fake_openai import FakeOpenAI
 

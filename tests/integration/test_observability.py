@@ -11,7 +11,7 @@ from typing import Any
 
 import nats
 
-from handlers.embedded import EmbeddedNats
+from stanchion.handlers.nats.embedded import EmbeddedNats
 from tests.conftest import (
     STANCHION,
     Collector,

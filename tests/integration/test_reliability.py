@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from handlers.embedded import EmbeddedNats
+from stanchion.handlers.nats.embedded import EmbeddedNats
 from tests.conftest import policy_for, running_service
 from tests.fake_openai import FakeOpenAI
 

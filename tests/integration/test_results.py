@@ -7,8 +7,8 @@ import itertools
 
 import nats
 
-from handlers.embedded import EmbeddedNats
-from handlers.results import KeyValueResultStore, StoredResult
+from stanchion.handlers.nats.embedded import EmbeddedNats
+from stanchion.handlers.runtime.results import KeyValueResultStore, StoredResult
 
 _buckets = itertools.count()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import nats
 from nats.aio.msg import Msg
 
-from handlers.embedded import EmbeddedNats
+from stanchion.handlers.nats.embedded import EmbeddedNats
 from tests.conftest import (
     STANCHION,
     Collector,

@@ -14,7 +14,7 @@ from pydantic_ai.exceptions import (
     ModelServerError,
 )
 
-from middleware import Call
+from stanchion.middleware import Call
 
 Outcome = str | Exception
 """What one scripted attempt does: answer this text, or raise this error."""

@@ -22,10 +22,18 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.models.instrumented import InstrumentationSettings
 from pydantic_ai.usage import RequestUsage
 
-from contracts import TaskClassification, TaskEvent, Usage
-from handlers.agent import AgentTerminal, ModelTarget, build_agent, build_model, close_models, output_spec, prompt
-from handlers.policy import ModelConfig, OutputMode
-from middleware import Call, Candidate
+from stanchion.contracts import TaskClassification, TaskEvent, Usage
+from stanchion.handlers.models.agent import (
+    AgentTerminal,
+    ModelTarget,
+    build_agent,
+    build_model,
+    close_models,
+    output_spec,
+    prompt,
+)
+from stanchion.handlers.policy import ModelConfig, OutputMode
+from stanchion.middleware import Call, Candidate
 from tests.fake_openai import FakeOpenAI
 
 MODES: list[OutputMode] = ["tool", "native", "prompted"]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic_ai.exceptions import ModelHTTPError
 
-from middleware import (
+from stanchion.middleware import (
     BreakerPolicy,
     BreakerState,
     Call,

@@ -19,7 +19,7 @@ from pydantic_ai.exceptions import (
     UnexpectedModelBehavior,
 )
 
-from middleware import (
+from stanchion.middleware import (
     AllCandidatesFailed,
     AttemptTimeout,
     CircuitOpenError,

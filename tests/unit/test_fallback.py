@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from middleware import (
+from stanchion.middleware import (
     AllCandidatesFailed,
     Call,
     Candidate,

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from tenacity import stop_after_attempt, wait_fixed
 
-from contracts import TaskEvent
-from middleware import (
+from stanchion.contracts import TaskEvent
+from stanchion.middleware import (
     AllCandidatesFailed,
     AttemptTimeout,
     BreakerPolicy,

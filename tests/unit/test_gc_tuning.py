@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from handlers.app import tune_gc
-from handlers.settings import Settings
+from stanchion.handlers.nats.app import tune_gc
+from stanchion.handlers.settings import Settings
 
 
 @pytest.fixture

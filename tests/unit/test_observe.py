@@ -9,8 +9,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from tenacity import stop_after_attempt, wait_fixed
 
-from contracts import Usage
-from middleware import (
+from stanchion.contracts import Usage
+from stanchion.middleware import (
     AttemptRecord,
     Call,
     Candidate,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from handlers.errors import ConfigError
-from handlers.policy import default_policy, load_policy
-from handlers.settings import Settings
+from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.policy import default_policy, load_policy
+from stanchion.handlers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 

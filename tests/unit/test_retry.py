@@ -18,7 +18,7 @@ from pydantic_ai.exceptions import (
 )
 from tenacity import stop_after_attempt, stop_after_delay, wait_fixed, wait_incrementing
 
-from middleware import AttemptTimeout, Call, Candidate, FakeClock, Retry, RetryPolicy, wait_retry_after
+from stanchion.middleware import AttemptTimeout, Call, Candidate, FakeClock, Retry, RetryPolicy, wait_retry_after
 from tests.unit.fakes import (
     Outcome,
     Script,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from contracts import TaskEvent
-from middleware import Call, Candidate, Route, RouteSpec, Rule
+from stanchion.contracts import TaskEvent
+from stanchion.middleware import Call, Candidate, Route, RouteSpec, Rule
 
 FAST = Candidate("fast")
 STRONG = Candidate("strong")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from contracts import TaskClassification
-from handlers.policy import Policy
-from handlers.redact import Redactor
-from handlers.results import InMemoryResultStore
-from handlers.service import Answered, ClassifierService, DeadLettered, Redeliver, build_stack
-from handlers.settings import Settings
-from middleware import Call, Candidate, FakeClock
+from stanchion.contracts import TaskClassification
+from stanchion.handlers.policy import Policy
+from stanchion.handlers.runtime.redact import Redactor
+from stanchion.handlers.runtime.results import InMemoryResultStore
+from stanchion.handlers.runtime.service import Answered, ClassifierService, DeadLettered, Redeliver, build_stack
+from stanchion.handlers.settings import Settings
+from stanchion.middleware import Call, Candidate, FakeClock
 from tests.unit.fakes import rate_limited, server_error
 
 ANSWER = TaskClassification(category="bug", priority=4, confidence=0.9, summary="it crashes")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from middleware import Call, Middleware, Next, Stack
+from stanchion.middleware import Call, Middleware, Next, Stack
 
 
 def recorder(name: str, record: list[str]) -> Middleware[str]:

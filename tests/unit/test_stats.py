@@ -12,12 +12,12 @@ import pytest
 import structlog
 from rich.console import Console
 
-from contracts import Usage
-from handlers.logs import configure_logging
-from handlers.report import combine, render
-from handlers.settings import Settings
-from handlers.stats import Histogram, ServiceStats
-from middleware import AttemptRecord, Call
+from stanchion.contracts import Usage
+from stanchion.handlers.observability.logs import configure_logging
+from stanchion.handlers.observability.report import combine, render
+from stanchion.handlers.observability.stats import Histogram, ServiceStats
+from stanchion.handlers.settings import Settings
+from stanchion.middleware import AttemptRecord, Call
 
 
 def exact(values: list[float], q: float) -> float:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from middleware import (
+from stanchion.middleware import (
     AttemptTimeout,
     Call,
     Candidate,

@@ -8,8 +8,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from contracts import Usage
-from middleware import Call, Tracing
+from stanchion.contracts import Usage
+from stanchion.middleware import Call, Tracing
 
 
 def tracer() -> tuple[Tracing, InMemorySpanExporter]:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, TypeAdapter
 
-from middleware import AttemptRecord, Call
+from stanchion.middleware import AttemptRecord, Call
 
 _GROWTH = 1.05
 _LOG_GROWTH = math.log(_GROWTH)

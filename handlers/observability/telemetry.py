@@ -46,8 +46,8 @@ from opentelemetry.semconv.trace import SpanAttributes
 from opentelemetry.trace import SpanKind
 from opentelemetry.util.types import AttributeValue
 
-from handlers.errors import ConfigError
-from handlers.settings import Settings
+from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.settings import Settings
 
 SHUTDOWN_TIMEOUT_MS = 5000
 _EXEMPLAR_FILTERS: dict[str, type[ExemplarFilter]] = {

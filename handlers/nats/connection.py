@@ -7,8 +7,8 @@ from typing import Any
 
 from faststream.nats import NatsCredentials, NatsSecurity, NatsToken, NatsUserPassword
 
-from handlers.errors import ConfigError
-from handlers.settings import Settings
+from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.settings import Settings
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -21,18 +21,18 @@ from pydantic import ValidationError
 from pydantic_ai.models.instrumented import InstrumentationSettings
 from tenacity import stop_after_attempt, wait_exponential_jitter
 
-from contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
-from handlers.agent import AgentTerminal, build_agent, build_candidates, close_models
-from handlers.heuristic import classify as heuristic_classify
-from handlers.logs import LlmCallLog
-from handlers.metrics import Metrics
-from handlers.policy import BreakerConfig, Policy
-from handlers.redact import Redactor
-from handlers.results import InMemoryResultStore, ResultStore, StoredResult
-from handlers.settings import Settings
-from handlers.stats import ServiceStats
-from handlers.telemetry import current_trace_id
-from middleware import (
+from stanchion.contracts import DeadLetter, Decision, ResultEnvelope, TaskClassification, TaskEvent
+from stanchion.handlers.classify.heuristic import classify as heuristic_classify
+from stanchion.handlers.models.agent import AgentTerminal, build_agent, build_candidates, close_models
+from stanchion.handlers.observability.logs import LlmCallLog
+from stanchion.handlers.observability.metrics import Metrics
+from stanchion.handlers.observability.stats import ServiceStats
+from stanchion.handlers.observability.telemetry import current_trace_id
+from stanchion.handlers.policy import BreakerConfig, Policy
+from stanchion.handlers.runtime.redact import Redactor
+from stanchion.handlers.runtime.results import InMemoryResultStore, ResultStore, StoredResult
+from stanchion.handlers.settings import Settings
+from stanchion.middleware import (
     SYSTEM_CLOCK,
     AllCandidatesFailed,
     AttemptRecorder,

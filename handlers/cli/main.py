@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from handlers.connection import connect_options
-from handlers.errors import ConfigError
-from handlers.logs import configure_logging
-from handlers.policy import Policy, load_policy, resolve_policy
-from handlers.settings import Settings, load_settings
-from handlers.telemetry import configure_telemetry, publish_traced
+from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.nats.connection import connect_options
+from stanchion.handlers.observability.logs import configure_logging
+from stanchion.handlers.observability.telemetry import configure_telemetry, publish_traced
+from stanchion.handlers.policy import Policy, load_policy, resolve_policy
+from stanchion.handlers.settings import Settings, load_settings
 
 cli = typer.Typer(
     name="stanchion",
@@ -62,7 +62,7 @@ def nats_server(settings: Settings) -> Iterator[str]:
     if settings.nats_url:
         yield settings.nats_url
         return
-    from handlers.embedded import EmbeddedNats
+    from stanchion.handlers.nats.embedded import EmbeddedNats
 
     try:
         server = EmbeddedNats(settings.nats_server_bin, settings.nats_store_dir)
@@ -128,8 +128,8 @@ def _safe_url(url: str) -> str:
 def run() -> None:
     """Run the service: consume tasks, answer them, publish results (logs on stderr; Ctrl-C stops it)."""
     settings, policy = _configure()
-    from handlers.app import create_app, tune_gc
-    from handlers.service import ClassifierService
+    from stanchion.handlers.nats.app import create_app, tune_gc
+    from stanchion.handlers.runtime.service import ClassifierService
 
     try:
         telemetry = configure_telemetry(settings)
@@ -239,7 +239,7 @@ def demo(
 ) -> None:
     """Start NATS (embedded unless NATS_URL is set) and the service, classify sample events, print each result."""
     settings, policy = _configure()
-    from handlers.service import ClassifierService
+    from stanchion.handlers.runtime.service import ClassifierService
 
     try:
         service = ClassifierService(settings, policy)
@@ -255,8 +255,8 @@ def demo(
 
 
 async def _demo(settings: Settings, service: Any, url: str, wait_s: float) -> bool:
-    from handlers.app import create_app
-    from handlers.report import gather, render
+    from stanchion.handlers.nats.app import create_app
+    from stanchion.handlers.observability.report import gather, render
 
     await _check_nats(url, settings)
     app = create_app(settings, service, url=url)
@@ -342,7 +342,7 @@ def report(
 
 
 async def _report(settings: Settings, url: str, wait_s: float, durable: str | None, as_json: bool) -> None:
-    from handlers.report import combine, gather, render
+    from stanchion.handlers.observability.report import combine, gather, render
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
@@ -383,7 +383,7 @@ def dlq_list(
 
 
 async def _dlq_list(settings: Settings, url: str, limit: int) -> None:
-    from handlers.dlq import dead_letters
+    from stanchion.handlers.nats.dlq import dead_letters
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
@@ -449,7 +449,7 @@ def dlq_replay(
 
 
 async def _dlq_replay(settings: Settings, url: str, event_id: str | None, policy: Policy | None) -> int:
-    from handlers.dlq import answerable_under, dead_letters, replay
+    from stanchion.handlers.nats.dlq import answerable_under, dead_letters, replay
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)

@@ -22,7 +22,7 @@ from rich import box
 from rich.console import Console, Group, JustifyMethod
 from rich.table import Table
 
-from handlers.stats import Histogram, ModelStats, ServiceStats
+from stanchion.handlers.observability.stats import Histogram, ModelStats, ServiceStats
 
 SERVICE_NAME = "stanchion"
 VERSION = "0.1.0"

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
-from handlers.stats import ServiceStats
-from middleware import AttemptRecord, Call
+from stanchion.handlers.observability.stats import ServiceStats
+from stanchion.middleware import AttemptRecord, Call
 
 STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 

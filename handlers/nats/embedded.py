@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from handlers.errors import ConfigError
+from stanchion.handlers.errors import ConfigError
 
 
 def find_nats_server(explicit: Path | None = None) -> Path:

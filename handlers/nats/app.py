@@ -22,14 +22,21 @@ from faststream.specification import AsyncAPI
 from nats.errors import NotJSMessageError
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
 
-from contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
-from handlers.connection import broker_security
-from handlers.report import register as register_stats
-from handlers.results import KeyValueResultStore
-from handlers.service import Answered, ClassifierService, DeadLettered, Outcome, Redeliver, outcome_event_id
-from handlers.settings import Settings
-from handlers.telemetry import TelemetryMiddleware
-from middleware import SYSTEM_CLOCK, Clock
+from stanchion.contracts import DeadLetter, ResultEnvelope, TaskClassification, TaskEvent
+from stanchion.handlers.nats.connection import broker_security
+from stanchion.handlers.observability.report import register as register_stats
+from stanchion.handlers.observability.telemetry import TelemetryMiddleware
+from stanchion.handlers.runtime.results import KeyValueResultStore
+from stanchion.handlers.runtime.service import (
+    Answered,
+    ClassifierService,
+    DeadLettered,
+    Outcome,
+    Redeliver,
+    outcome_event_id,
+)
+from stanchion.handlers.settings import Settings
+from stanchion.middleware import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger("stanchion.app")
 
@@ -398,12 +405,12 @@ def _module_app() -> FastStream:
 
     ``NATS_URL`` unset: an embedded nats-server is started before the broker connects, and stopped after.
     """
-    from handlers.embedded import EmbeddedNats
-    from handlers.errors import ConfigError
-    from handlers.logs import configure_logging
-    from handlers.policy import resolve_policy
-    from handlers.settings import load_settings
-    from handlers.telemetry import configure_telemetry
+    from stanchion.handlers.errors import ConfigError
+    from stanchion.handlers.nats.embedded import EmbeddedNats
+    from stanchion.handlers.observability.logs import configure_logging
+    from stanchion.handlers.observability.telemetry import configure_telemetry
+    from stanchion.handlers.policy import resolve_policy
+    from stanchion.handlers.settings import load_settings
 
     try:
         settings = load_settings()

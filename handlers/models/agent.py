@@ -33,10 +33,10 @@ from pydantic_ai.providers.openai import OpenAIProvider
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.settings import ModelSettings
 
-from contracts import TaskClassification, TaskEvent, Usage
-from handlers.errors import ConfigError
-from handlers.policy import ModelConfig, OutputMode, Policy
-from middleware import Call, Candidate
+from stanchion.contracts import TaskClassification, TaskEvent, Usage
+from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.policy import ModelConfig, OutputMode, Policy
+from stanchion.middleware import Call, Candidate
 
 INSTRUCTIONS = """\
 You classify tasks and messages sent to a software team.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from contracts import Category, TaskClassification, TaskEvent
+from stanchion.contracts import Category, TaskClassification, TaskEvent
 
 _KEYWORDS: dict[Category, tuple[str, ...]] = {
     "bug": (

@@ -11,9 +11,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from contracts import DeadLetter, TaskEvent
-from handlers.policy import Policy
-from middleware import Rule
+from stanchion.contracts import DeadLetter, TaskEvent
+from stanchion.handlers.policy import Policy
+from stanchion.middleware import Rule
 
 log = structlog.get_logger("stanchion.dlq")
 

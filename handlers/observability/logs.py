@@ -20,8 +20,8 @@ from typing import Any, TextIO
 import structlog
 from opentelemetry import trace
 
-from handlers.redact import Redactor
-from middleware import AttemptRecord, Call
+from stanchion.handlers.runtime.redact import Redactor
+from stanchion.middleware import AttemptRecord, Call
 
 SECRET_FIELD = re.compile(
     r"(^|[_-])(api[_-]?key|private[_-]?key|token|password|passwd|secret|authorization|credentials?|creds)$",
