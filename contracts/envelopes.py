@@ -56,6 +56,7 @@ class ResultEnvelope(BaseModel, Generic[OutputT]):
 
     schema_version: Literal["stanchion.result/1"] = "stanchion.result/1"
     event_id: str
+    handler: str | None = Field(default=None, description="The handler that answered (its declared name).")
     result: OutputT
     model: str = Field(description='The candidate that served the event; "heuristic" when degraded.')
     degraded: bool = False
@@ -75,6 +76,7 @@ class DeadLetter(BaseModel):
 
     schema_version: Literal["stanchion.dead-letter/1"] = "stanchion.dead-letter/1"
     subject: str = Field(description="The subject the event arrived on; replay publishes back to it.")
+    handler: str | None = Field(default=None, description="The handler the event was for (its declared name).")
     event_id: str | None = Field(default=None, description="Set when the id could be read.")
     reason: str = Field(description="Human-readable reason.")
     error_type: str = Field(description="poison.json, poison.schema, poison.too_large, exhausted, ...")

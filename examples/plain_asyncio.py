@@ -72,7 +72,7 @@ stack: Stack[str] = Stack(
     [
         Route(
             {"default": RouteSpec((flaky, steady)), "urgent": RouteSpec((steady,), heuristic=False)},
-            rules=[Rule("urgent", kinds=frozenset({"urgent"}))],
+            rules=[Rule("urgent", lambda event: event.kind == "urgent", "kind is urgent")],
         ),
         Fallback(heuristic),
         Retry(

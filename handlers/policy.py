@@ -1,19 +1,22 @@
 """The policy: which models exist, how events are routed to them, and how each route retries.
 
-Read from a TOML file (``STANCHION_POLICY``) or built from the settings (the default policy: the
-model-selection matrix of the classification use case). Validated once, at start-up.
+Read from a TOML file (``STANCHION_POLICY``, or a handler's own) or built in code. One file holds the models
+every handler shares and, per handler (``[handlers.<name>]``), its routes, rules, deadline and breaker; a file
+without handler sections applies to the one handler that reads it. Validated once, at start-up.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stanchion.handlers.errors import ConfigError
-from stanchion.handlers.settings import Settings
 
 OutputMode = Literal["tool", "native", "prompted"]
 
@@ -59,6 +62,9 @@ class ModelConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     model: str = Field(description='"provider:model", provider one of openai-chat, openai, anthropic, ollama.')
     base_url: str | None = None
+    base_url_env: str | None = Field(
+        default=None, description="Environment variable holding the base URL (wins over base_url when set)."
+    )
     api_key_env: str | None = Field(default=None, description="Environment variable holding the API key.")
     output_mode: OutputMode = "tool"
     output_retries: int | None = Field(default=None, ge=0, le=10)
@@ -83,6 +89,12 @@ class ModelConfig(_Strict):
     def model_name(self) -> str:
         return self.model.partition(":")[2]
 
+    def resolved_base_url(self) -> str | None:
+        """``base_url_env``'s value when that variable is set and not empty, else ``base_url``."""
+        if self.base_url_env and (value := os.environ.get(self.base_url_env, "").strip()):
+            return value
+        return self.base_url
+
 
 PROVIDERS = ("openai-chat", "openai", "anthropic", "ollama")
 
@@ -95,103 +107,116 @@ class RouteConfig(_Strict):
 
 
 class RuleConfig(_Strict):
-    """Send events to ``route`` when ``kind`` is one of ``kinds`` or the text is at least ``min_text_length``."""
+    """Send events to ``route`` when the handler's predicate named ``when`` holds (default: the route's name)."""
 
     route: str
-    kinds: list[str] = Field(default_factory=list)
-    min_text_length: int | None = Field(default=None, ge=1)
+    when: str | None = None
+
+    @property
+    def predicate(self) -> str:
+        return self.when or self.route
+
+
+class HandlerPolicy(_Strict):
+    """One handler's section (``[handlers.<name>]``): overrides the file's top-level routes, rules and deadline."""
+
+    routes: dict[str, RouteConfig] | None = None
+    rules: list[RuleConfig] | None = None
+    default_route: str | None = None
+    deadline_s: float | None = Field(default=None, gt=0)
+    breaker: BreakerConfig | None = None
 
 
 class Policy(_Strict):
+    """Models shared by every handler, and the routing of the one handler without a section of its own.
+
+    Without ``routes``, one route ``default`` tries every model in the file's order, then the heuristic.
+    """
+
     models: list[ModelConfig] = Field(default_factory=list)
-    routes: dict[str, RouteConfig] = Field(default_factory=lambda: {"default": RouteConfig()})
-    rules: list[RuleConfig] = Field(default_factory=list)
+    routes: dict[str, RouteConfig] | None = None
+    rules: list[RuleConfig] | None = None
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     default_route: str = "default"
     deadline_s: float | None = Field(
         default=None, gt=0, description="Per-event deadline; default STANCHION_DEADLINE_S."
     )
+    handlers: dict[str, HandlerPolicy] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> Policy:
         names = [m.name for m in self.models]
         if dupes := sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"duplicate model name(s): {', '.join(dupes)}")
-        for route_name, route in self.routes.items():
-            if unknown := [m for m in route.models if m not in names]:
-                raise ValueError(f"routes.{route_name}.models names unknown model(s): {', '.join(unknown)}")
-        for rule in self.rules:
-            if rule.route not in self.routes:
-                raise ValueError(f"rules: unknown route {rule.route!r}")
-        if self.default_route not in self.routes:
-            raise ValueError(f"default_route {self.default_route!r} is not in routes")
+        sections: list[tuple[str, HandlerPolicy | None]] = [("", None), *self.handlers.items()]
+        for handler, _ in sections:
+            resolved = self.section(handler or None)
+            prefix = f"handlers.{handler}." if handler else ""
+            for route_name, route in resolved.routes.items():
+                if unknown := [m for m in route.models if m not in names]:
+                    raise ValueError(f"{prefix}routes.{route_name}.models names unknown model(s): {', '.join(unknown)}")
+            for rule in resolved.rules or []:
+                if rule.route not in resolved.routes:
+                    raise ValueError(f"{prefix}rules: unknown route {rule.route!r}")
+            if resolved.default_route not in resolved.routes:
+                raise ValueError(f"{prefix}default_route {resolved.default_route!r} is not in routes")
         return self
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
 
+    def section(self, handler: str | None) -> ResolvedPolicy:
+        """What applies to ``handler``: its own section over the top level (the top level alone without one)."""
+        own = self.handlers.get(handler) if handler is not None else None
+        routes = (own.routes if own and own.routes is not None else None) or self.routes
+        if routes is None:
+            routes = {"default": RouteConfig(models=[m.name for m in self.models])}
+        return ResolvedPolicy(
+            models=tuple(self.models),
+            routes=routes,
+            rules=own.rules if own and own.rules is not None else self.rules,
+            default_route=own.default_route if own and own.default_route else self.default_route,
+            deadline_s=own.deadline_s if own and own.deadline_s else self.deadline_s,
+            breaker=own.breaker if own and own.breaker else self.breaker,
+        )
 
-def load_policy(path: Path) -> Policy:
-    """Read and validate a policy file; ``ConfigError`` names the file and the bad key."""
+
+@dataclass(frozen=True)
+class ResolvedPolicy:
+    """The policy one handler runs with: the shared models, and its routes, rules, deadline and breaker."""
+
+    models: tuple[ModelConfig, ...]
+    routes: Mapping[str, RouteConfig]
+    rules: list[RuleConfig] | None
+    default_route: str
+    deadline_s: float | None
+    breaker: BreakerConfig
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+def load_policy(path: Path, *, setting: str = "STANCHION_POLICY", translate: Translate | None = None) -> Policy:
+    """Read and validate a policy file; ``ConfigError`` names the file and the bad key.
+
+    Args:
+        path: The TOML file.
+        setting: What the error message calls the file's setting.
+        translate: Rewrites the parsed TOML before validation (a handler's older file format).
+    """
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise ConfigError(f"STANCHION_POLICY: cannot read {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot read {str(path)!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"STANCHION_POLICY: {str(path)!r} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{setting}: {str(path)!r} is not valid TOML: {exc}") from None
     try:
-        return Policy.model_validate(data)
+        return Policy.model_validate(translate(data) if translate else data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"STANCHION_POLICY: {str(path)!r}: {where}: {message}") from None
+        raise ConfigError(f"{setting}: {str(path)!r}: {where}: {message}") from None
 
 
-def default_policy(settings: Settings) -> Policy:
-    """The model-selection matrix of the classification use case, for the keys that are present.
-
-    production (an API key is set): ``fast`` (gpt-4o-mini) for simple events, ``strong`` (gpt-4o)
-    first for complex ones, ``backup`` (Anthropic) behind both. local (no key): one Ollama model.
-    Every route ends with the keyword heuristic.
-    """
-    profile = settings.profile
-    if profile == "auto":
-        profile = "production" if (settings.openai_api_key or settings.anthropic_api_key) else "local"
-    models: list[ModelConfig] = []
-    if profile == "production":
-        if settings.openai_api_key:
-            models += [
-                ModelConfig(
-                    name="fast",
-                    model="openai-chat:gpt-4o-mini",
-                    base_url=settings.openai_base_url,
-                    api_key_env="OPENAI_API_KEY",
-                ),
-                ModelConfig(
-                    name="strong",
-                    model="openai-chat:gpt-4o",
-                    base_url=settings.openai_base_url,
-                    api_key_env="OPENAI_API_KEY",
-                ),
-            ]
-        if settings.anthropic_api_key:
-            models.append(
-                ModelConfig(name="backup", model="anthropic:claude-3-5-haiku-latest", api_key_env="ANTHROPIC_API_KEY")
-            )
-    if not models:
-        models.append(
-            ModelConfig(name="local", model="ollama:llama3.2", base_url=settings.ollama_base_url, output_mode="native")
-        )
-    names = [m.name for m in models]
-    simple = [n for n in ("fast", "backup", "local") if n in names]
-    complex_ = [n for n in ("strong", "backup", "fast", "local") if n in names]
-    return Policy(
-        models=models,
-        routes={"default": RouteConfig(models=simple), "complex": RouteConfig(models=complex_)},
-        rules=[RuleConfig(route="complex", kinds=["complex"], min_text_length=600)],
-    )
-
-
-def resolve_policy(settings: Settings) -> Policy:
-    return load_policy(settings.policy) if settings.policy else default_policy(settings)
+Translate = Callable[[dict[str, Any]], dict[str, Any]]

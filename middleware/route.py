@@ -22,34 +22,30 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class Rule:
-    """Sends an event to ``route`` when any one of its conditions holds.
+    """Sends an event to ``route`` when the predicate ``when`` holds for it.
 
     Args:
         route: Route name.
-        kinds: Matches when ``event.kind`` is one of these.
-        min_text_length: Matches when ``len(event.text)`` is at least this.
-        when: Any other predicate on the event.
+        when: A predicate on the event. It may return a string instead of ``True``: the reason, in words, that
+            the route decision records (e.g. ``"kind is complex"``).
+        name: What the route decision says matched otherwise (default: the predicate's ``__name__``).
     """
 
     route: str
-    kinds: frozenset[str] = frozenset()
-    min_text_length: int | None = None
-    when: Callable[[Any], bool] | None = None
+    when: Callable[[Any], bool | str | None]
+    name: str = ""
 
     def matches(self, event: Any) -> bool:
         return self.why(event) is not None
 
     def why(self, event: Any) -> str | None:
-        """The condition that sends ``event`` to this rule's route, in words; ``None`` when none holds."""
-        kind = getattr(event, "kind", None)
-        if self.kinds and kind in self.kinds:
-            return f"kind is {kind}"
-        length = len(getattr(event, "text", "") or "")
-        if self.min_text_length is not None and length >= self.min_text_length:
-            return f"text length {length} >= {self.min_text_length}"
-        if self.when is not None and self.when(event):
-            return "predicate matched"
-        return None
+        """Which predicate sends ``event`` to this rule's route; ``None`` when it does not hold."""
+        held = self.when(event)
+        if not held:
+            return None
+        if isinstance(held, str):
+            return held
+        return f"{self.name or getattr(self.when, '__name__', 'predicate')} matched"
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from stanchion.handlers.nats.app import create_app
+from stanchion.handlers.api import Handler
+from stanchion.handlers.classify.app import create_app
 from stanchion.handlers.nats.embedded import EmbeddedNats
 from stanchion.handlers.policy import Policy
-from stanchion.handlers.runtime.service import ClassifierService
 from stanchion.handlers.settings import Settings
 from tests.fake_openai import FakeOpenAI
 
@@ -157,7 +157,7 @@ class Collector:
 @dataclass
 class RunningService:
     settings: Settings
-    service: ClassifierService
+    service: Handler[Any, Any]
     client: Client
     collector: Collector
 
@@ -172,8 +172,7 @@ async def running_service(
 ) -> AsyncIterator[RunningService]:
     """The FastStream app in-process on the session's nats-server, with collectors on its outputs."""
     settings = settings or unique_settings(nats_url, **overrides)
-    service = ClassifierService(settings, policy)
-    app = create_app(settings, service, url=nats_url)
+    app, service = create_app(settings, policy, url=nats_url)
     client = await nats.connect(nats_url)
     collector = Collector()
     await client.subscribe(settings.output_subject, cb=collector.on_result)

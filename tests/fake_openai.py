@@ -15,6 +15,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,8 @@ class FakeOpenAI:
     faults: tuple[Fault, ...] = FAULTS
     seed: int = 1
     category: str = "bug"
+    answer: Callable[[str], dict[str, Any]] | None = None
+    """The output for a request's user text (default: a ``TaskClassification``); ``invalid`` faults answer ``{}``."""
     script: collections.deque[Fault] = field(default_factory=collections.deque)
     requests: list[Recorded] = field(default_factory=list)
     host: str = "127.0.0.1"
@@ -210,6 +213,8 @@ class FakeOpenAI:
             "confidence": 0.9,
             "summary": text[:60] or "empty",
         }
+        if self.answer is not None:
+            answer = {} if invalid else self.answer(text)
         message: dict[str, Any] = {"role": "assistant", "content": None}
         finish = "stop"
         tools = body.get("tools") or []

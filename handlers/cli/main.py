@@ -8,7 +8,7 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,11 +21,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from stanchion.contracts import DeadLetter
 from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.nats.connection import connect_options
 from stanchion.handlers.observability.logs import configure_logging
 from stanchion.handlers.observability.telemetry import configure_telemetry, publish_traced
-from stanchion.handlers.policy import Policy, load_policy, resolve_policy
 from stanchion.handlers.settings import Settings, load_settings
 
 cli = typer.Typer(
@@ -48,10 +48,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _configure() -> tuple[Settings, Policy]:
+def _configure() -> Settings:
     try:
-        settings = load_settings()
-        return settings, resolve_policy(settings)
+        return load_settings()
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
 
@@ -125,38 +124,42 @@ def _safe_url(url: str) -> str:
 
 
 @cli.command()
-def run() -> None:
-    """Run the service: consume tasks, answer them, publish results (logs on stderr; Ctrl-C stops it)."""
-    settings, policy = _configure()
-    from stanchion.handlers.nats.app import create_app, tune_gc
-    from stanchion.handlers.runtime.service import ClassifierService
+def run(
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODULE:APP]",
+            help="Your FastStream app, imported from the current directory as `faststream run` does "
+            "(default: the built-in classifier).",
+        ),
+    ] = None,
+) -> None:
+    """Run a service: consume, answer, publish results (logs on stderr; Ctrl-C or SIGTERM stops it gracefully).
 
+    With no NATS_URL an embedded nats-server is started first, and NATS_URL set for the app."""
+    from stanchion.handlers.process import Process, import_app
+
+    settings = _configure()
+    if settings.nats_url:
+        asyncio.run(_check_nats(settings.nats_url, settings))
     try:
-        telemetry = configure_telemetry(settings)
-        service = ClassifierService(settings, policy)
+        process = Process.start(settings)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
-    configure_logging(settings.log_level, settings.log_format, service.redact.secrets)
-
-    async def serve(url: str) -> None:
-        await _check_nats(url, settings)
-        try:
-            app = create_app(settings, service, url=url)
-        except ConfigError as exc:
-            raise _fail(f"configuration error: {exc}") from None
-
-        async def tuned() -> None:  # on the loop's thread (FastStream runs sync hooks in a worker thread)
-            tune_gc(settings.gc_threshold)
-
-        app.after_startup(tuned)
-        await app.run()
-
     try:
-        with nats_server(settings) as url, contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(url))
+        if target is None:
+            from stanchion.handlers.classify.app import create_app
+
+            app, _ = create_app(process.settings)
+        else:
+            app = import_app(target)
+        process.serve(app)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(app.run())
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
     finally:
-        if telemetry is not None:
-            telemetry.shutdown()  # flush the last spans and metrics
+        process.stop()
 
 
 @cli.command()
@@ -168,7 +171,7 @@ def publish(
     """Publish one event, or every line of a JSON-lines file, to NATS_URL."""
     if (payload is None) == (file is None):
         raise _fail("give either a JSON payload or --file, not both or neither")
-    settings, _ = _configure()
+    settings = _configure()
     if not settings.nats_url:
         raise _fail("configuration error: NATS_URL is not set: publish needs a running server")
     lines = [payload.encode()] if payload is not None else _read_lines(file)
@@ -238,28 +241,33 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for every answer.")] = 120.0,
 ) -> None:
     """Start NATS (embedded unless NATS_URL is set) and the service, classify sample events, print each result."""
-    settings, policy = _configure()
-    from stanchion.handlers.runtime.service import ClassifierService
+    from stanchion.handlers.classify.policy import resolve_policy
+    from stanchion.handlers.process import environment_secrets
 
+    settings = _configure()
     try:
-        service = ClassifierService(settings, policy)
+        policy, predicates = resolve_policy(settings)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
-    configure_logging(settings.log_level if verbose else "error", settings.log_format, service.redact.secrets)
+    secrets = [*settings.secrets(), *environment_secrets()]
+    configure_logging(settings.log_level if verbose else "error", settings.log_format, secrets)
     models = ", ".join(f"{m.name} ({m.model})" for m in policy.models) or "none"
     out.print(f"models: {models}; then the keyword heuristic")
     with nats_server(settings) as url:
-        ok = asyncio.run(_demo(settings, service, url, timeout))
+        ok = asyncio.run(_demo(settings.model_copy(update={"nats_url": url}), policy, predicates, url, timeout))
     if not ok:
         raise typer.Exit(1)
 
 
-async def _demo(settings: Settings, service: Any, url: str, wait_s: float) -> bool:
-    from stanchion.handlers.nats.app import create_app
+async def _demo(settings: Settings, policy: Any, predicates: Any, url: str, wait_s: float) -> bool:
+    from stanchion.handlers.classify.app import create_app
     from stanchion.handlers.observability.report import gather, render
 
     await _check_nats(url, settings)
-    app = create_app(settings, service, url=url)
+    try:
+        app, _ = create_app(settings, policy, url=url, predicates=predicates)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
     run_id = uuid.uuid4().hex[:8]
     ids = [f"demo-{run_id}-{i:02d}" for i in range(len(SAMPLES))]
     answers: dict[str, dict[str, Any]] = {}
@@ -331,27 +339,38 @@ def _print_results(ids: list[str], answers: dict[str, dict[str, Any]], elapsed: 
 @cli.command()
 def report(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the replicas' answers.")] = 1.0,
-    every: Annotated[bool, typer.Option("--all", help="Every stanchion service, not one durable.")] = False,
+    handler: Annotated[str | None, typer.Option("--handler", help="Only this handler (by name).")] = None,
+    every: Annotated[bool, typer.Option("--all", hidden=True, help="Every handler (the default now).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
-    """The production report: each running replica's figures and the combined table (calls, success rate,
-    p50/p95/p99 latency, cost per call and in total against STANCHION_BUDGET_USD, fallbacks, breakers)."""
-    settings, _ = _configure()
-    url = _require_nats(settings)
-    asyncio.run(_report(settings, url, wait, None if every else settings.durable, as_json))
+    """The production report, per handler: each running replica's figures and their combined table (calls, success
+    rate, p50/p95/p99 latency, cost per call and in total against STANCHION_BUDGET_USD, fallbacks, breakers)."""
+    settings = _configure()
+    url = _require_nats(settings, "report")
+    asyncio.run(_report(settings, url, wait, handler, as_json))
 
 
-async def _report(settings: Settings, url: str, wait_s: float, durable: str | None, as_json: bool) -> None:
-    from stanchion.handlers.observability.report import combine, gather, render
+async def _report(settings: Settings, url: str, wait_s: float, handler: str | None, as_json: bool) -> None:
+    from stanchion.handlers.observability.report import by_handler, combine, gather, render
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
     try:
-        replicas = await gather(nc, durable=durable, wait_s=wait_s)
+        replicas = await gather(nc, handler=handler, wait_s=wait_s)
     finally:
         await nc.close()
     if as_json:
         figures = {
+            "handlers": [
+                {
+                    "handler": name,
+                    "subject": group[0].subject,
+                    "durable": durable,
+                    "replicas": [r.to_dict() for r in group],
+                    "combined": combine(group).to_dict(),
+                }
+                for (name, durable), group in by_handler(replicas).items()
+            ],
             "replicas": [r.to_dict() for r in replicas],
             "combined": combine(replicas).to_dict(),
             "budget_usd": settings.budget_usd,
@@ -367,35 +386,88 @@ dlq = typer.Typer(help="Dead letters: list them, replay them.", no_args_is_help=
 cli.add_typer(dlq, name="dlq")
 
 
-def _require_nats(settings: Settings) -> str:
+def _require_nats(settings: Settings, what: str = "the dead-letter tools") -> str:
     if not settings.nats_url:
-        raise _fail("configuration error: NATS_URL is not set: the dead-letter tools need a running server")
+        raise _fail(f"configuration error: NATS_URL is not set: {what} needs a running server")
     return settings.nats_url
+
+
+AppOption = Annotated[
+    str | None,
+    typer.Option("--app", metavar="MODULE:APP", help="The app that declares the handler (default: the classifier)."),
+]
+HandlerOption = Annotated[str | None, typer.Option("--handler", help="The handler by name (default: the app's only).")]
+StreamOption = Annotated[
+    str | None, typer.Option("--stream", help="A dead-letter stream by name, instead of a handler's.")
+]
+
+
+def _handler(settings: Settings, target: str | None, name: str | None) -> Any:
+    """The declared handler ``name`` of the app ``target`` (default: the classifier); built, never started."""
+    from stanchion.handlers.api import Stanchion
+    from stanchion.handlers.process import import_app
+
+    try:
+        if target is None:
+            from stanchion.handlers.classify.app import create_app
+
+            app, handler = create_app(settings)
+            if name is None or name == handler.name:
+                return handler
+        else:
+            app = import_app(target)
+        reliable = app.context.get("stanchion")
+        if not isinstance(reliable, Stanchion):
+            raise ConfigError(f"--app: {target} declares no stanchion handlers")
+        handlers = reliable.handlers
+        if name is None:
+            if len(handlers) != 1:
+                raise ConfigError(f"--handler: the app has {len(handlers)} handlers: {', '.join(handlers)}")
+            return next(iter(handlers.values()))
+        if name not in handlers:
+            raise ConfigError(f"--handler: no handler {name!r} (the app has {', '.join(handlers) or 'none'})")
+        return handlers[name]
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+
+
+def _dlq_stream(settings: Settings, target: str | None, name: str | None, stream: str | None) -> str:
+    if stream is not None:
+        if target is not None or name is not None:
+            raise _fail("give either --stream or --app/--handler")
+        return stream
+    if target is None and name is None:
+        return settings.dlq_stream  # the classifier's, without building it
+    return str(_handler(settings, target, name).settings.dlq_stream)
 
 
 @dlq.command("list")
 def dlq_list(
     limit: Annotated[int, typer.Option(help="Show at most this many, newest last.")] = 100,
+    app: AppOption = None,
+    handler: HandlerOption = None,
+    stream: StreamOption = None,
 ) -> None:
-    """Table of the dead letters in the dead-letter stream: reason, subject, deliveries, age."""
-    settings, _ = _configure()
-    asyncio.run(_dlq_list(settings, _require_nats(settings), limit))
+    """Table of the dead letters of a handler (default: the classifier): reason, subject, deliveries, age."""
+    settings = _configure()
+    url = _require_nats(settings)
+    asyncio.run(_dlq_list(settings, url, _dlq_stream(settings, app, handler, stream), limit))
 
 
-async def _dlq_list(settings: Settings, url: str, limit: int) -> None:
+async def _dlq_list(settings: Settings, url: str, stream: str, limit: int) -> None:
     from stanchion.handlers.nats.dlq import dead_letters
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
     try:
-        letters = [letter async for letter in dead_letters(nc.jetstream(), settings.dlq_stream)]
+        letters = [letter async for letter in dead_letters(nc.jetstream(), stream)]
     except NotFoundError:
         letters = []
     finally:
         await nc.close()
     shown = letters[-limit:]
-    table = Table(title=f"dead letters in {settings.dlq_stream}: {len(letters)}")
-    for column in ("seq", "event id", "error", "reason", "subject", "deliveries", "age"):
+    table = Table(title=f"dead letters in {stream}: {len(letters)}")
+    for column in ("seq", "event id", "handler", "error", "reason", "subject", "deliveries", "age"):
         table.add_column(column, overflow="fold")
     now = datetime.now(UTC)
     for letter in shown:
@@ -403,6 +475,7 @@ async def _dlq_list(settings: Settings, url: str, limit: int) -> None:
         table.add_row(
             str(letter.seq),
             dead.event_id or "-",
+            dead.handler or "-",
             dead.error_type,
             dead.reason,
             dead.subject,
@@ -428,28 +501,74 @@ def dlq_replay(
         Path | None,
         typer.Option(
             "--policy",
-            help="Replay only what a service running this policy file could answer (skip poison, and events "
+            help="Replay only what the handler running this policy file could answer (skip poison, and events "
             "whose route offers no untried model and no heuristic).",
         ),
     ] = None,
+    app: AppOption = None,
+    handler: HandlerOption = None,
+    stream: StreamOption = None,
 ) -> None:
     """Republish dead letters to their original subject (they keep their id) and remove them from the stream."""
     if (event_id is None) == (not replay_all):
         raise _fail("give either --id ID or --all")
-    settings, _ = _configure()
-    policy: Policy | None = None
+    settings = _configure()
+    url = _require_nats(settings)
+    check: Callable[[DeadLetter], str | None] | None = None
     if policy_file is not None:
+        if stream is not None:
+            raise _fail("--policy needs the handler (--app/--handler), not --stream")
+        declared = _handler(settings, app, handler)
         try:
-            policy = load_policy(policy_file)
+            policy, predicates = declared.load_policy(policy_file, "--policy")
         except ConfigError as exc:
-            raise _fail(f"configuration error: {str(exc).replace('STANCHION_POLICY', '--policy')}") from None
-    replayed = asyncio.run(_dlq_replay(settings, _require_nats(settings), event_id, policy))
+            raise _fail(f"configuration error: {exc}") from None
+        check = _answerable(declared, policy, predicates)
+        dlq_stream = str(declared.settings.dlq_stream)
+    else:
+        dlq_stream = _dlq_stream(settings, app, handler, stream)
+    replayed = asyncio.run(_dlq_replay(settings, url, dlq_stream, event_id, check))
     if event_id is not None and replayed == 0:
         raise _fail(f"no replayable dead letter with id {event_id!r}", 1)
 
 
-async def _dlq_replay(settings: Settings, url: str, event_id: str | None, policy: Policy | None) -> int:
-    from stanchion.handlers.nats.dlq import answerable_under, dead_letters, replay
+def _answerable(handler: Any, policy: Any, predicates: Any) -> Callable[[DeadLetter], str | None]:
+    """Why the handler, running ``policy``, could not answer a dead letter if replayed (``None`` when it could).
+
+    Poison never becomes answerable. An event that failed permanently (``failed``) needs a route under the policy
+    that allows the heuristic (and the handler has one) or offers a candidate it has not already failed on; one
+    that failed transiently (``exhausted``, ``internal``) may succeed on the same candidates now.
+    """
+    from stanchion.handlers.api import routing_rules
+    from stanchion.handlers.nats.dlq import original_payload
+    from stanchion.handlers.runtime.decode import Poison
+
+    try:
+        resolved = policy.section(handler.name)
+        rules = routing_rules(handler.name, resolved, predicates)
+    except ConfigError as exc:
+        raise _fail(f"configuration error: {exc}") from None
+
+    def why_not(dead: DeadLetter) -> str | None:
+        if dead.error_type.startswith("poison."):
+            return f"{dead.error_type}: the payload itself is invalid"
+        event = handler.runtime.decoder(original_payload(dead))
+        if isinstance(event, Poison):
+            return f"the payload is not a valid event: {event.reason}"
+        route_name = next((rule.route for rule in rules if rule.matches(event)), resolved.default_route)
+        route = resolved.routes[route_name]
+        fresh = [m for m in route.models if m not in dead.models_tried]
+        if dead.error_type != "failed" or (route.heuristic and handler.has_heuristic) or fresh:
+            return None
+        return f"route {route_name!r} offers only {', '.join(route.models) or 'no models'}, all tried already"
+
+    return why_not
+
+
+async def _dlq_replay(
+    settings: Settings, url: str, stream: str, event_id: str | None, check: Callable[[DeadLetter], str | None] | None
+) -> int:
+    from stanchion.handlers.nats.dlq import dead_letters, replay
 
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
@@ -457,17 +576,15 @@ async def _dlq_replay(settings: Settings, url: str, event_id: str | None, policy
     replayed = skipped = 0
     try:
         letters = [
-            letter
-            async for letter in dead_letters(js, settings.dlq_stream)
-            if event_id is None or letter.dead.event_id == event_id
+            letter async for letter in dead_letters(js, stream) if event_id is None or letter.dead.event_id == event_id
         ]
         for letter in letters:
-            if policy is not None and (why := answerable_under(policy, letter.dead)) is not None:
+            if check is not None and (why := check(letter.dead)) is not None:
                 err.print(f"skipped {letter.seq} ({letter.dead.event_id}): {why}", markup=False)
                 skipped += 1
                 continue
             try:
-                await replay(js, settings.dlq_stream, letter)
+                await replay(js, stream, letter)
                 replayed += 1
             except ValueError as exc:
                 err.print(f"skipped: {exc}", markup=False)

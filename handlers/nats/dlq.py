@@ -11,9 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
-from stanchion.contracts import DeadLetter, TaskEvent
-from stanchion.handlers.policy import Policy
-from stanchion.middleware import Rule
+from stanchion.contracts import DeadLetter
 
 log = structlog.get_logger("stanchion.dlq")
 
@@ -59,25 +57,3 @@ async def replay(js: JetStreamContext, stream: str, letter: StoredDeadLetter) ->
         raise ValueError(f"dead letter {letter.seq} had a secret masked in its payload; it cannot be replayed as is")
     await js.publish(letter.dead.subject, original_payload(letter.dead))
     await js.delete_msg(stream, letter.seq)
-
-
-def answerable_under(policy: Policy, dead: DeadLetter) -> str | None:
-    """Why ``policy`` could not answer this dead letter if replayed (``None`` when it could).
-
-    Poison never becomes answerable. An event that failed permanently (``failed``) needs a route under
-    ``policy`` that allows the heuristic or offers a candidate it has not already failed on; one that
-    failed transiently (``exhausted``, ``internal``) may succeed on the same candidates now.
-    """
-    if dead.error_type.startswith("poison."):
-        return f"{dead.error_type}: the payload itself is invalid"
-    try:
-        event = TaskEvent.model_validate_json(original_payload(dead))
-    except (ValidationError, ValueError):
-        return "the payload is not a TaskEvent"
-    rules = [Rule(r.route, frozenset(r.kinds), r.min_text_length) for r in policy.rules]
-    route_name = next((rule.route for rule in rules if rule.matches(event)), policy.default_route)
-    route = policy.routes[route_name]
-    fresh = [m for m in route.models if m not in dead.models_tried]
-    if dead.error_type != "failed" or route.heuristic or fresh:
-        return None
-    return f"route {route_name!r} offers only {', '.join(route.models) or 'no models'}, all tried already"

@@ -28,8 +28,10 @@ SERVICE_NAME = "stanchion"
 VERSION = "0.1.0"
 
 
-async def register(nc: Client, stats: ServiceStats, *, durable: str, input_subject: str) -> Service:
-    """Announce this process as a ``stanchion`` micro service whose STATS carry ``stats``."""
+async def register(nc: Client, stats: ServiceStats) -> Service:
+    """Announce one handler of this process as a ``stanchion`` micro service whose STATS carry ``stats``
+    (its metadata: the handler's name, input subject and durable)."""
+    durable = stats.durable
 
     def stats_data(_: EndpointStats) -> dict[str, Any]:
         return stats.to_dict()
@@ -39,8 +41,14 @@ async def register(nc: Client, stats: ServiceStats, *, durable: str, input_subje
         ServiceConfig(
             name=SERVICE_NAME,
             version=VERSION,
-            description="Classifies TaskEvents with typed LLM agents behind a reliability stack.",
-            metadata={"durable": durable, "input_subject": input_subject, "host": stats.host, "pid": str(stats.pid)},
+            description=f"Stanchion handler {stats.handler}: typed LLM answers behind a reliability stack.",
+            metadata={
+                "handler": stats.handler,
+                "durable": durable,
+                "input_subject": stats.subject,
+                "host": stats.host,
+                "pid": str(stats.pid),
+            },
             stats_handler=stats_data,
         ),
     )
@@ -56,8 +64,10 @@ async def register(nc: Client, stats: ServiceStats, *, durable: str, input_subje
     return service
 
 
-async def gather(nc: Client, *, durable: str | None, wait_s: float = 1.0) -> list[ServiceStats]:
-    """Every replica's statistics (of the deployment using ``durable``; all when ``None``), oldest first."""
+async def gather(
+    nc: Client, *, durable: str | None = None, handler: str | None = None, wait_s: float = 1.0
+) -> list[ServiceStats]:
+    """Every replica's statistics (only those of ``durable`` / ``handler`` when given), oldest first."""
     replies: list[dict[str, Any]] = []
 
     async def collect(msg: Msg) -> None:
@@ -76,16 +86,29 @@ async def gather(nc: Client, *, durable: str | None, wait_s: float = 1.0) -> lis
         await subscription.unsubscribe()
     found: list[ServiceStats] = []
     for reply in replies:
-        if durable is not None and (reply.get("metadata") or {}).get("durable") != durable:
+        metadata = reply.get("metadata") or {}
+        if durable is not None and metadata.get("durable") != durable:
+            continue
+        if handler is not None and metadata.get("handler") != handler:
             continue
         for endpoint in reply.get("endpoints") or []:
             if endpoint.get("name") == "stats" and isinstance(endpoint.get("data"), dict):
                 found.append(ServiceStats.from_dict(endpoint["data"]))
-    return sorted(found, key=lambda s: (s.started_at, s.replica))
+    return sorted(found, key=lambda s: (s.handler, s.started_at, s.replica))
+
+
+def by_handler(replicas: list[ServiceStats]) -> dict[tuple[str, str], list[ServiceStats]]:
+    """Replicas grouped by handler (name and durable: two deployments of one handler stay apart)."""
+    groups: dict[tuple[str, str], list[ServiceStats]] = {}
+    for stats in replicas:
+        groups.setdefault((stats.handler, stats.durable), []).append(stats)
+    return groups
 
 
 def combine(replicas: list[ServiceStats]) -> ServiceStats:
     total = ServiceStats(replica="all", replicas=0)
+    if replicas:
+        total.handler, total.subject, total.durable = replicas[0].handler, replicas[0].subject, replicas[0].durable
     for replica in replicas:
         total.merge(replica)
     return total
@@ -188,14 +211,18 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
 
 
 def render(replicas: list[ServiceStats], console: Console, budget_usd: float | None) -> None:
-    """Each replica's figures, then the combined table."""
+    """Per handler (name and subject): each replica's figures, then the combined table of its replicas."""
     if not replicas:
         console.print("no running stanchion service answered")
         return
     now = time.time()
-    for stats in replicas:
-        title = f"replica {stats.replica} ({stats.host} pid {stats.pid}, up {now - stats.started_at:,.0f} s)"
-        console.print(stats_table(stats, title, budget_usd))
-        console.print()
-    if len(replicas) > 1:
-        console.print(stats_table(combine(replicas), f"combined: {len(replicas)} replicas", budget_usd))
+    for (handler, _), group in by_handler(replicas).items():
+        label = f"handler {handler or '?'} ({group[0].subject or '?'})"
+        console.print(f"[bold]{label}[/bold]: {len(group)} replica(s)")
+        for stats in group:
+            title = f"replica {stats.replica} ({stats.host} pid {stats.pid}, up {now - stats.started_at:,.0f} s)"
+            console.print(stats_table(stats, title, budget_usd))
+            console.print()
+        if len(group) > 1:
+            console.print(stats_table(combine(group), f"{label} combined: {len(group)} replicas", budget_usd))
+            console.print()

@@ -100,6 +100,11 @@ class ServiceStats:
     """
 
     replica: str = ""
+    handler: str = ""
+    """The handler's name; its replicas share it (and its durable)."""
+    subject: str = ""
+    """The handler's input subject."""
+    durable: str = ""
     host: str = ""
     pid: int = 0
     started_at: float = 0.0
@@ -122,8 +127,18 @@ class ServiceStats:
     fallbacks_by_candidate: Annotated[Counter[str], Field(exclude=True)] = field(default_factory=Counter)
 
     @classmethod
-    def for_this_process(cls, replica: str = "") -> ServiceStats:
-        return cls(replica=replica, host=socket.gethostname(), pid=os.getpid(), started_at=time.time())
+    def for_this_process(
+        cls, replica: str = "", *, handler: str = "", subject: str = "", durable: str = ""
+    ) -> ServiceStats:
+        return cls(
+            replica=replica,
+            handler=handler,
+            subject=subject,
+            durable=durable,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=time.time(),
+        )
 
     # -- recording --------------------------------------------------------------------------
 
@@ -208,6 +223,9 @@ class ServiceStats:
             if rank.get(state, 0) >= rank.get(self.breakers.get(name, "closed"), 0):
                 self.breakers[name] = state
         self.replicas += other.replicas
+        self.handler = self.handler or other.handler
+        self.subject = self.subject or other.subject
+        self.durable = self.durable or other.durable
         self.started_at = min(self.started_at, other.started_at) if self.started_at else other.started_at
 
     def to_dict(self) -> dict[str, Any]:

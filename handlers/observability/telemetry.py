@@ -19,11 +19,12 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any
 
+from faststream import BaseMiddleware
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.opentelemetry.baggage import Baggage
-from faststream.opentelemetry.middleware import BaseTelemetryMiddleware
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import context as otel_context
@@ -144,54 +145,80 @@ async def publish_traced(
         return await js.publish(subject, payload, headers=trace_headers(headers))
 
 
-class _InHandlerPublishScope(BaseTelemetryMiddleware[Any]):
-    """FastStream's telemetry middleware, with publishing from inside a handler parented to the handler's span.
+class _Scope(BaseMiddleware[Any, Any]):
+    """FastStream's telemetry for consuming; publishing from inside a handler parented to the handler's span.
 
     FastStream (0.7) publishes from a handler under an extra ``create`` span, or, from the handler's own
     middleware, re-injects the *incoming* message's context into the outgoing headers. Here a publish made
     while a span is current is a direct child of that span (the ``process`` span), and its headers carry the
-    publish span, so that a consumer of the result continues from the publish that produced it.
+    publish span, so that a consumer of the result continues from the publish that produced it. Everything else
+    is FastStream's own middleware, delegated to through its public hooks.
     """
 
-    async def publish_scope(self, call_next: Any, msg: Any) -> Any:
-        provider = getattr(self, "_BaseTelemetryMiddleware__settings_provider", None)
+    def __init__(self, msg: Any, /, *, context: Any, inner: BaseMiddleware[Any, Any], telemetry: TelemetryMiddleware) -> None:
+        super().__init__(msg, context=context)
+        self.inner = inner
+        self.telemetry = telemetry
+
+    async def on_receive(self) -> None:
+        await self.inner.on_receive()
+
+    async def after_processed(
+        self,
+        exc_type: type[BaseException] | None = None,
+        exc_val: BaseException | None = None,
+        exc_tb: TracebackType | None = None,
+    ) -> bool | None:
+        return await self.inner.after_processed(exc_type, exc_val, exc_tb)
+
+    async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+        return await self.inner.consume_scope(call_next, msg)
+
+    async def publish_scope(self, call_next: Any, cmd: Any) -> Any:
         parent = trace.get_current_span()
-        if provider is None or not parent.is_recording() or len(msg.batch_bodies) > 1:
-            return await super().publish_scope(call_next, msg)
-        headers = msg.headers
+        if not parent.is_recording() or len(cmd.batch_bodies) > 1:
+            return await self.inner.publish_scope(call_next, cmd)
+        headers = cmd.headers
         baggage: Baggage | None = self.context.get_local("baggage")
         if baggage:
             headers.update(baggage.to_headers())
-        destination = provider.get_publish_destination_name(msg)
-        attributes = provider.get_publish_attrs_from_cmd(msg)
-        metric_attributes = {
-            SpanAttributes.MESSAGING_SYSTEM: provider.messaging_system,
+        destination = cmd.destination
+        attributes: dict[str, AttributeValue] = {
+            SpanAttributes.MESSAGING_SYSTEM: "nats",
+            SpanAttributes.MESSAGING_DESTINATION_NAME: destination,
+            SpanAttributes.MESSAGING_OPERATION: "publish",
+        }
+        if cmd.correlation_id:
+            attributes[SpanAttributes.MESSAGING_MESSAGE_CONVERSATION_ID] = cmd.correlation_id
+        metric_attributes: dict[str, AttributeValue] = {
+            SpanAttributes.MESSAGING_SYSTEM: "nats",
             SpanAttributes.MESSAGING_DESTINATION_NAME: destination,
         }
         started = time.perf_counter()
         try:
-            with self._tracer.start_as_current_span(
+            with self.telemetry.tracer.start_as_current_span(
                 f"{destination} publish", kind=SpanKind.PRODUCER, attributes=attributes
-            ) as span:
-                span.set_attribute(SpanAttributes.MESSAGING_OPERATION, "publish")
+            ):
                 inject(headers, context=otel_context.get_current())
-                msg.headers = headers
-                return await call_next(msg)
+                cmd.headers = headers
+                return await call_next(cmd)
         except Exception as exc:
             metric_attributes["error.type"] = type(exc).__name__
             raise
         finally:
-            self._metrics.observe_publish(metric_attributes, time.perf_counter() - started, 1)
+            self.telemetry.publish_duration.record(time.perf_counter() - started, metric_attributes)
 
 
-class TelemetryMiddleware(NatsTelemetryMiddleware):
-    """``NatsTelemetryMiddleware`` with the result publish parented to the processing span (see above)."""
+class TelemetryMiddleware:
+    """A broker middleware: FastStream's ``NatsTelemetryMiddleware``, with the result publish parented to the
+    processing span (see ``_Scope``). Uses the global tracer and meter providers."""
 
-    def __call__(self, msg: Any | None, /, *, context: Any) -> BaseTelemetryMiddleware[Any]:
-        return _InHandlerPublishScope(
-            msg,
-            tracer=self._tracer,
-            metrics_container=self._metrics,
-            settings_provider_factory=self._settings_provider_factory,
-            context=context,
+    def __init__(self) -> None:
+        self.faststream = NatsTelemetryMiddleware()
+        self.tracer = trace.get_tracer("stanchion")
+        self.publish_duration = metrics.get_meter("stanchion").create_histogram(
+            "messaging.publish.duration", unit="s", description="Measures the duration of publish operation."
         )
+
+    def __call__(self, msg: Any | None, /, *, context: Any) -> BaseMiddleware[Any, Any]:
+        return _Scope(msg, context=context, inner=self.faststream(msg, context=context), telemetry=self)

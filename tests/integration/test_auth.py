@@ -17,9 +17,8 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from stanchion.handlers.nats.app import create_app
+from stanchion.handlers.classify.app import create_app
 from stanchion.handlers.nats.embedded import EmbeddedNats
-from stanchion.handlers.runtime.service import ClassifierService
 from stanchion.handlers.settings import Settings
 from tests.conftest import (
     STANCHION,
@@ -53,8 +52,7 @@ def password_server() -> Iterator[EmbeddedNats]:
 @asynccontextmanager
 async def serving(settings: Settings, **client_options: Any) -> AsyncIterator[tuple[Client, Collector]]:
     """The app in-process, connecting with nothing but ``settings``; a client of the test's own sees its results."""
-    service = ClassifierService(settings, policy_for())
-    app = create_app(settings, service)
+    app, _ = create_app(settings, policy_for())
     assert settings.nats_url is not None
     client = await nats.connect(settings.nats_url, allow_reconnect=False, **client_options)
     collector = Collector()

@@ -153,7 +153,7 @@ def test_faststream_docs_gen_emits_the_contracts(tmp_path: Path) -> None:
     """`faststream docs gen handlers.app:app` writes an AsyncAPI document with the contracts' schemas."""
     out = tmp_path / "asyncapi.json"
     proc = subprocess.run(
-        [FASTSTREAM, "docs", "gen", "stanchion.handlers.nats.app:app", "-o", str(out)],
+        [FASTSTREAM, "docs", "gen", "stanchion.handlers.classify.app:app", "-o", str(out)],
         cwd=ROOT,
         env=clean_env(NATS_URL="nats://127.0.0.1:4222"),
         capture_output=True,

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from stanchion.contracts import DeadLetter, TaskEvent
 from stanchion.handlers.nats.embedded import EmbeddedNats
-from stanchion.handlers.runtime.service import MAX_DEAD_PAYLOAD
+from stanchion.handlers.runtime.dead_letters import MAX_DEAD_PAYLOAD
 from tests.conftest import RunningService, policy_for, running_service
 from tests.fake_openai import FakeOpenAI
 

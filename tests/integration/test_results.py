@@ -8,7 +8,8 @@ import itertools
 import nats
 
 from stanchion.handlers.nats.embedded import EmbeddedNats
-from stanchion.handlers.runtime.results import KeyValueResultStore, StoredResult
+from stanchion.handlers.nats.results import KeyValueResultStore
+from stanchion.handlers.runtime.results import StoredResult
 
 _buckets = itertools.count()
 

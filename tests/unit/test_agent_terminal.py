@@ -23,15 +23,9 @@ from pydantic_ai.models.instrumented import InstrumentationSettings
 from pydantic_ai.usage import RequestUsage
 
 from stanchion.contracts import TaskClassification, TaskEvent, Usage
-from stanchion.handlers.models.agent import (
-    AgentTerminal,
-    ModelTarget,
-    build_agent,
-    build_model,
-    close_models,
-    output_spec,
-    prompt,
-)
+from stanchion.handlers.classify.agent import build_agent, prompt
+from stanchion.handlers.models.providers import ModelTarget, build_model, close_models, output_spec
+from stanchion.handlers.models.terminal import AgentTerminal
 from stanchion.handlers.policy import ModelConfig, OutputMode
 from stanchion.middleware import Call, Candidate
 from tests.fake_openai import FakeOpenAI
@@ -66,17 +60,32 @@ class Scripted:
         return ModelResponse(parts=[TextPart(json.dumps(answer))], usage=usage)
 
 
-def target(model: Model, mode: OutputMode = "tool", retries: int = 2, **prices: float) -> ModelTarget:
-    return ModelTarget(model=model, output=output_spec(mode), output_retries=retries, **prices)
+def classifier_terminal() -> AgentTerminal[TaskEvent, TaskClassification]:
+    return AgentTerminal(build_agent(), prompt)
 
 
-def make_call(model_target: ModelTarget) -> Call:
+def instrumented(settings: InstrumentationSettings) -> Agent[None, TaskClassification]:
+    """The classifier agent with pydantic-ai's instrumentation on."""
+    agent = build_agent()
+    agent.instrument = settings
+    return agent
+
+
+def target(
+    model: Model, mode: OutputMode = "tool", retries: int = 2, **prices: float
+) -> ModelTarget[TaskClassification]:
+    return ModelTarget(model=model, output=output_spec(TaskClassification, mode), output_retries=retries, **prices)
+
+
+def make_call(model_target: ModelTarget[TaskClassification]) -> Call:
     call = Call(event=EVENT)
     call.candidate = Candidate("m", model_target)
     return call
 
 
-async def naive(model_target: ModelTarget, agent: Agent[None, TaskClassification] | None = None) -> Call:
+async def naive(
+    model_target: ModelTarget[TaskClassification], agent: Agent[None, TaskClassification] | None = None
+) -> Call:
     """What AgentTerminal did before the fast path: one plain ``agent.run``; returns the call it accounted on."""
     call = make_call(model_target)
     result = await (agent or build_agent()).run(
@@ -96,9 +105,11 @@ async def naive(model_target: ModelTarget, agent: Agent[None, TaskClassification
     return call
 
 
-async def fast(model_target: ModelTarget, terminal: AgentTerminal | None = None) -> Call:
+async def fast(
+    model_target: ModelTarget[TaskClassification], terminal: AgentTerminal[TaskEvent, TaskClassification] | None = None
+) -> Call:
     call = make_call(model_target)
-    output = await (terminal or AgentTerminal())(call)
+    output = await (terminal or classifier_terminal())(call)
     call.served_by = output.model_dump_json()
     return call
 
@@ -189,7 +200,7 @@ async def test_exhausted_output_retries_raise_unexpected_model_behavior(mode: Ou
         await naive(target(before.model, mode, retries=1))
     call = make_call(target(after.model, mode, retries=1))
     with pytest.raises(UnexpectedModelBehavior) as raised:
-        await AgentTerminal()(call)
+        await classifier_terminal()(call)
 
     assert type(raised.value) is type(expected.value)
     assert str(raised.value) == str(expected.value)
@@ -204,18 +215,40 @@ async def test_policy_prices_apply_to_the_fast_path() -> None:
     assert call.cost_usd == pytest.approx((51 * 2.0 + 20 * 10.0) / 1_000_000)
 
 
-async def test_an_agent_not_from_build_agent_runs_in_full() -> None:
-    """A caller's own agent is always run by agent.run, so all of its configuration applies."""
+async def test_an_own_output_only_agent_takes_the_fast_path_with_its_own_instructions() -> None:
+    """Any agent whose output is one model, with literal instructions and no tools, answers with one direct request."""
     agent: Agent[None, TaskClassification] = Agent(
         output_type=TaskClassification, instructions="Answer as a pirate.", defer_model_check=True
     )
     scripted = Scripted(GOOD)
+    terminal = AgentTerminal(agent, prompt)
 
-    call = await fast(target(scripted.model), AgentTerminal(agent))
+    call = await fast(target(scripted.model), terminal)
 
     assert scripted.infos[0].instructions == "Answer as a pirate."
-    assert sent_by_agent_run(scripted.seen[0])
+    assert not sent_by_agent_run(scripted.seen[0])
+    assert (terminal.fast_requests, terminal.agent_runs) == (1, 0)
     assert call.usage.requests == 1
+
+
+async def test_an_agent_with_a_validator_runs_in_full() -> None:
+    """An output validator is the agent's own logic: such an agent always runs agent.run, and the validator runs."""
+    agent: Agent[None, TaskClassification] = Agent(output_type=TaskClassification, defer_model_check=True)
+    validated: list[TaskClassification] = []
+
+    @agent.output_validator
+    def remember(output: TaskClassification) -> TaskClassification:
+        validated.append(output)
+        return output
+
+    scripted = Scripted(GOOD)
+    terminal = AgentTerminal(agent, prompt)
+
+    call = await fast(target(scripted.model), terminal)
+
+    assert sent_by_agent_run(scripted.seen[0])
+    assert (terminal.fast_requests, terminal.agent_runs) == (0, 1)
+    assert len(validated) == 1 and call.usage.requests == 1
 
 
 # -- instrumentation ---------------------------------------------------------------------------------------------
@@ -242,10 +275,10 @@ async def test_instrumented_requests_get_agent_runs_chat_spans(
     exporter, provider = spans
     settings = InstrumentationSettings(tracer_provider=provider, include_content=False)
 
-    await naive(target(Scripted(BAD, GOOD).model, mode), build_agent(instrument=settings))
+    await naive(target(Scripted(BAD, GOOD).model, mode), instrumented(settings))
     expected = chat_spans(exporter)
     exporter.clear()
-    await fast(target(Scripted(BAD, GOOD).model, mode), AgentTerminal(build_agent(instrument=settings)))
+    await fast(target(Scripted(BAD, GOOD).model, mode), AgentTerminal(instrumented(settings), prompt))
     got = chat_spans(exporter)
 
     assert [s.name for s in got] == [s.name for s in expected] == ["chat scripted", "chat scripted"]
@@ -264,10 +297,10 @@ async def test_uninstrumented_agent_makes_no_spans(spans: tuple[InMemorySpanExpo
     """With instrumentation off nothing is traced, even after an instrumented terminal ran on the same target."""
     exporter, provider = spans
     shared = target(Scripted(GOOD).model)
-    await fast(shared, AgentTerminal(build_agent(instrument=InstrumentationSettings(tracer_provider=provider))))
+    await fast(shared, AgentTerminal(instrumented(InstrumentationSettings(tracer_provider=provider)), prompt))
     exporter.clear()
 
-    await fast(shared, AgentTerminal(build_agent()))
+    await fast(shared, classifier_terminal())
 
     assert exporter.get_finished_spans() == ()
 
@@ -275,19 +308,25 @@ async def test_uninstrumented_agent_makes_no_spans(spans: tuple[InMemorySpanExpo
 # -- over HTTP ---------------------------------------------------------------------------------------------------
 
 
-HttpTarget = Callable[..., ModelTarget]
+HttpTarget = Callable[..., ModelTarget[TaskClassification]]
 
 
 @pytest.fixture
 async def http_target() -> AsyncIterator[HttpTarget]:
     """Targets on a real HTTP provider: ``http_target(server, mode="tool", provider="openai-chat")``; their clients
     are closed after the test."""
-    made: list[ModelTarget] = []
+    made: list[ModelTarget[TaskClassification]] = []
 
-    def make(server: FakeOpenAI, mode: OutputMode = "tool", provider: str = "openai-chat") -> ModelTarget:
+    def make(
+        server: FakeOpenAI, mode: OutputMode = "tool", provider: str = "openai-chat"
+    ) -> ModelTarget[TaskClassification]:
         config = ModelConfig(name="m", model=f"{provider}:gpt-4o-mini", base_url=server.base_url, output_mode=mode)
         made.append(
-            ModelTarget(model=build_model(config, attempt_timeout_s=5.0), output=output_spec(mode), output_retries=2)
+            ModelTarget(
+                model=build_model(config, attempt_timeout_s=5.0),
+                output=output_spec(TaskClassification, mode),
+                output_retries=2,
+            )
         )
         return made[-1]
 
@@ -388,9 +427,9 @@ async def test_over_http_instrumented_chat_spans(
     exporter, provider = spans
     server = fake_openai()
     server.set(script=["invalid", "ok"])
-    agent = build_agent(instrument=InstrumentationSettings(tracer_provider=provider, include_content=False))
+    agent = instrumented(InstrumentationSettings(tracer_provider=provider, include_content=False))
 
-    call = await fast(http_target(server), AgentTerminal(agent))
+    call = await fast(http_target(server), AgentTerminal(agent, prompt))
 
     got = chat_spans(exporter)
     assert [s.name for s in got] == ["chat gpt-4o-mini", "chat gpt-4o-mini"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stanchion.handlers.nats.app import tune_gc
+from stanchion.handlers.process import tune_gc
 from stanchion.handlers.settings import Settings
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from stanchion.handlers.classify.policy import PREDICATES, default_policy, load_classifier_policy
 from stanchion.handlers.errors import ConfigError
-from stanchion.handlers.policy import default_policy, load_policy
+from stanchion.handlers.policy import Policy, load_policy
 from stanchion.handlers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,11 +24,14 @@ def test_production_profile_routes_simple_to_fast_and_complex_to_strong_with_a_b
     """With both keys: simple events try fast then backup, complex ones strong then backup then fast."""
     policy = default_policy(settings(openai_api_key="sk-a", anthropic_api_key="sk-b"))
     assert [m.name for m in policy.models] == ["fast", "strong", "backup"]
+    assert policy.routes is not None
     assert policy.routes["default"].models == ["fast", "backup"]
     assert policy.routes["complex"].models == ["strong", "backup", "fast"]
-    assert all(route.heuristic for route in policy.routes.values())
+    assert policy.routes is not None and all(route.heuristic for route in policy.routes.values())
+    assert policy.rules is not None
     [rule] = policy.rules
-    assert (rule.route, rule.kinds, rule.min_text_length) == ("complex", ["complex"], 600)
+    assert (rule.route, rule.predicate) == ("complex", "complex")
+    assert rule.predicate in PREDICATES
 
 
 def test_local_profile_uses_ollama_when_no_key_is_set() -> None:
@@ -36,6 +40,7 @@ def test_local_profile_uses_ollama_when_no_key_is_set() -> None:
     [model] = policy.models
     assert (model.name, model.provider, model.output_mode) == ("local", "ollama", "native")
     assert model.base_url == "http://127.0.0.1:11434/v1"
+    assert policy.routes is not None
     assert policy.routes["default"].models == policy.routes["complex"].models == ["local"]
 
 
@@ -55,7 +60,7 @@ def test_the_readme_example_policy_loads() -> None:
     """examples/policy.toml (the README's example) is a valid policy."""
     policy = load_policy(ROOT / "examples/policy.toml")
     assert [(m.name, m.output_mode) for m in policy.models] == [("primary", "tool"), ("backup", "native")]
-    assert policy.routes["default"].models == ["primary", "backup"]
+    assert policy.section(None).routes["default"].models == ["primary", "backup"]
 
 
 @pytest.mark.parametrize(
@@ -84,3 +89,85 @@ def test_a_bad_policy_file_is_refused_naming_the_key(toml: str, names: str, tmp_
     message = str(raised.value)
     assert "STANCHION_POLICY" in message and names in message
     assert "\n" not in message
+
+
+POLICY_WITH_SECTIONS = """
+[[models]]
+name = "primary"
+model = "openai-chat:m"
+base_url = "http://127.0.0.1:9/v1"
+base_url_env = "TEST_PRIMARY_URL"
+
+[[models]]
+name = "backup"
+model = "openai-chat:n"
+
+[routes.default]
+models = ["backup"]
+
+[handlers.refund]
+deadline_s = 12
+
+[handlers.refund.routes.default]
+models = ["primary", "backup"]
+heuristic = false
+retry = { attempts = 1 }
+"""
+
+
+def test_a_handler_section_overrides_the_top_level_for_that_handler_only(tmp_path: Path) -> None:
+    """``[handlers.refund]`` gives refund its own routes and deadline; any other handler reads the top level."""
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY_WITH_SECTIONS)
+    policy = load_policy(path)
+    refund, other = policy.section("refund"), policy.section("classify")
+    assert refund.routes["default"].models == ["primary", "backup"]
+    assert not refund.routes["default"].heuristic and refund.routes["default"].retry.attempts == 1
+    assert refund.deadline_s == 12
+    assert other.routes["default"].models == ["backup"] and other.deadline_s is None
+
+
+def test_without_routes_every_model_is_tried_in_the_file_order() -> None:
+    """A policy that lists models and no routes has one route trying each model in turn, then the heuristic."""
+    policy = Policy.model_validate(
+        {"models": [{"name": "a", "model": "openai-chat:m"}, {"name": "b", "model": "openai-chat:n"}]}
+    )
+    default = policy.section(None).routes["default"]
+    assert (default.models, default.heuristic) == (["a", "b"], True)
+
+
+def test_a_base_url_may_come_from_an_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``base_url_env`` wins over ``base_url`` when that variable is set and not empty."""
+    model = Policy.model_validate(
+        {"models": [{"name": "a", "model": "openai-chat:m", "base_url": "http://a/v1", "base_url_env": "TEST_A_URL"}]}
+    ).models[0]
+    monkeypatch.delenv("TEST_A_URL", raising=False)
+    assert model.resolved_base_url() == "http://a/v1"
+    monkeypatch.setenv("TEST_A_URL", "http://127.0.0.1:7/v1")
+    assert model.resolved_base_url() == "http://127.0.0.1:7/v1"
+
+
+def test_a_handler_section_naming_an_unknown_model_is_refused(tmp_path: Path) -> None:
+    """Model names in a handler's routes are checked like the top level's, and the error names the section."""
+    path = tmp_path / "policy.toml"
+    path.write_text('[handlers.refund.routes.default]\nmodels = ["ghost"]\n')
+    with pytest.raises(ConfigError, match=r"handlers\.refund\.routes\.default\.models .*ghost"):
+        load_policy(path)
+
+
+def test_older_classifier_rules_become_predicates(tmp_path: Path) -> None:
+    """``[[rules]]`` with ``kinds`` / ``min_text_length`` (today's files) still route the classifier's events."""
+    from stanchion.contracts import TaskEvent
+
+    path = tmp_path / "policy.toml"
+    path.write_text(
+        "[routes.default]\nmodels = []\n[routes.slow]\nmodels = []\n"
+        '[[rules]]\nroute = "slow"\nkinds = ["degrade"]\nmin_text_length = 50\n'
+    )
+    policy, predicates = load_classifier_policy(path)
+    assert policy.rules is not None
+    [rule] = policy.rules
+    when = predicates[rule.predicate]
+    assert when(TaskEvent(id="1", text="x", kind="degrade")) == "kind is degrade"
+    assert when(TaskEvent(id="2", text="y" * 50)) == "text length 50 >= 50"
+    assert not when(TaskEvent(id="3", text="short"))

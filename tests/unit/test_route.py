@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from stanchion.contracts import TaskEvent
+from stanchion.handlers.classify.policy import kind_or_length
 from stanchion.middleware import Call, Candidate, Route, RouteSpec, Rule
 
 FAST = Candidate("fast")
@@ -35,16 +36,16 @@ async def route_of(route: Route, task: TaskEvent) -> Call:
     return seen[0]
 
 
-async def test_kinds_rule_picks_its_route() -> None:
+async def test_a_kind_rule_picks_its_route() -> None:
     """An event whose kind is listed goes to the rule's route."""
-    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex", "hard"}))])
+    route = Route(ROUTES, [Rule("complex", kind_or_length(frozenset({"complex", "hard"}), None))])
 
     assert (await route_of(route, event(kind="hard"))).route == "complex"
 
 
 async def test_min_text_length_rule_picks_its_route() -> None:
     """An event whose text is at least ``min_text_length`` long goes to the rule's route; a shorter one does not."""
-    route = Route(ROUTES, [Rule("long", min_text_length=10)])
+    route = Route(ROUTES, [Rule("long", kind_or_length(frozenset(), 10))])
 
     assert (await route_of(route, event(text="x" * 10))).route == "long"
     assert (await route_of(route, event(text="x" * 9))).route == "default"
@@ -60,7 +61,7 @@ async def test_when_predicate_picks_its_route() -> None:
 
 async def test_a_rule_matches_when_any_of_its_conditions_holds() -> None:
     """Conditions of one rule are alternatives: the kind alone or the length alone is enough."""
-    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex"}), min_text_length=100)])
+    route = Route(ROUTES, [Rule("complex", kind_or_length(frozenset({"complex"}), 100))])
 
     assert (await route_of(route, event(kind="complex"))).route == "complex"
     assert (await route_of(route, event(text="x" * 100))).route == "complex"
@@ -69,7 +70,10 @@ async def test_a_rule_matches_when_any_of_its_conditions_holds() -> None:
 
 async def test_first_matching_rule_wins() -> None:
     """When several rules match, the one listed first names the route."""
-    rules = [Rule("long", min_text_length=5), Rule("complex", kinds=frozenset({"complex"}))]
+    rules = [
+        Rule("long", kind_or_length(frozenset(), 5)),
+        Rule("complex", kind_or_length(frozenset({"complex"}), None)),
+    ]
 
     assert (await route_of(Route(ROUTES, rules), event(kind="complex"))).route == "long"
     assert (await route_of(Route(ROUTES, rules[::-1]), event(kind="complex"))).route == "complex"
@@ -77,7 +81,7 @@ async def test_first_matching_rule_wins() -> None:
 
 async def test_unmatched_event_goes_to_the_default_route() -> None:
     """With no rule matching, the configured default route applies."""
-    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex"}))], default="urgent")
+    route = Route(ROUTES, [Rule("complex", kind_or_length(frozenset({"complex"}), None))], default="urgent")
 
     call = await route_of(route, event())
     assert call.route == "urgent"
@@ -86,7 +90,7 @@ async def test_unmatched_event_goes_to_the_default_route() -> None:
 
 async def test_route_sets_candidates_heuristic_and_a_decision() -> None:
     """The chosen spec's candidates and heuristic flag land on the call, with a ``route`` decision."""
-    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex"}))])
+    route = Route(ROUTES, [Rule("complex", kind_or_length(frozenset({"complex"}), None))])
 
     call = await route_of(route, event(kind="complex"))
 
@@ -102,7 +106,10 @@ async def test_route_sets_candidates_heuristic_and_a_decision() -> None:
 
 async def test_the_route_decision_says_why() -> None:
     """The rule's matching condition, or that no rule matched."""
-    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex"})), Rule("long", min_text_length=10)])
+    route = Route(
+        ROUTES,
+        [Rule("complex", kind_or_length(frozenset({"complex"}), None)), Rule("long", kind_or_length(frozenset(), 10))],
+    )
 
     assert route.explain(event(kind="complex")) == ("complex", "kind is complex")
     assert route.explain(event(text="x" * 12)) == ("long", "text length 12 >= 10")
@@ -118,17 +125,22 @@ async def test_route_without_candidates_decides_with_no_model() -> None:
     assert call.decisions[0].model is None
 
 
-def test_choose_works_on_any_event_object() -> None:
-    """Rules read ``kind`` and ``text`` when present and treat missing ones as not matching."""
-    route = Route(ROUTES, [Rule("complex", kinds=frozenset({"complex"})), Rule("long", min_text_length=1)])
+def test_rules_are_predicates_over_any_event_object() -> None:
+    """A rule is any predicate on the event; one returning True is named by the rule's name in the decision."""
+
+    def urgent(event: object) -> bool:
+        return getattr(event, "urgent", False) is True
+
+    route = Route(ROUTES, [Rule("urgent", urgent, "urgent flag")])
 
     assert route.choose(object()) == "default"
+    assert route.explain(type("Paged", (), {"urgent": True})()) == ("urgent", "urgent flag matched")
 
 
 @pytest.mark.parametrize(
     ("rules", "default", "missing"),
     [
-        ([Rule("nowhere", kinds=frozenset({"x"}))], "default", "nowhere"),
+        ([Rule("nowhere", kind_or_length(frozenset({"x"}), None))], "default", "nowhere"),
         ([], "fallback", "fallback"),
     ],
     ids=["rule", "default"],

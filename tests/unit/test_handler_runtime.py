@@ -1,17 +1,26 @@
-"""ClassifierService: bytes in, one outcome out — validation, the result store, naks, pauses, dead letters."""
+"""HandlerRuntime: bytes in, one outcome out — validation, the result store, naks, pauses, dead letters.
+
+Built the way an app builds it (``Stanchion`` on a broker that never connects, the classifier declared on it),
+with a scripted terminal and a fake clock.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from stanchion.contracts import TaskClassification
+from faststream.nats import NatsBroker
+
+from stanchion.contracts import TaskClassification, TaskEvent
+from stanchion.handlers.api import Stanchion
+from stanchion.handlers.classify.app import declare
 from stanchion.handlers.policy import Policy
+from stanchion.handlers.runtime.handler import HandlerRuntime
+from stanchion.handlers.runtime.outcome import Answered, DeadLettered, Redeliver
 from stanchion.handlers.runtime.redact import Redactor
 from stanchion.handlers.runtime.results import InMemoryResultStore
-from stanchion.handlers.runtime.service import Answered, ClassifierService, DeadLettered, Redeliver, build_stack
 from stanchion.handlers.settings import Settings
-from stanchion.middleware import Call, Candidate, FakeClock
+from stanchion.middleware import Call, Candidate, FakeClock, Terminal
 from tests.unit.fakes import rate_limited, server_error
 
 ANSWER = TaskClassification(category="bug", priority=4, confidence=0.9, summary="it crashes")
@@ -24,7 +33,7 @@ POLICY = Policy.model_validate(
 )
 
 
-class Terminal:
+class TerminalStub:
     """A terminal that fails ``failures`` times with a 503, then answers; it counts its calls."""
 
     def __init__(self, failures: int = 0) -> None:
@@ -39,12 +48,19 @@ class Terminal:
         return ANSWER
 
 
-def make_service(terminal: Terminal, clock: FakeClock, **settings: Any) -> ClassifierService:
-    config = Settings(nats_url="nats://127.0.0.1:1", nak_backoff_s=(2.0, 10.0), max_deliver=3, **settings)
-    stack, breaker = build_stack(
-        config, POLICY, terminal=terminal, candidates={"primary": Candidate("primary")}, clock=clock
-    )
-    return ClassifierService(config, POLICY, stack=stack, breaker=breaker, clock=clock, results=InMemoryResultStore())
+Runtime = HandlerRuntime[TaskEvent, TaskClassification]
+
+
+def runtime(policy: Policy, terminal: Terminal[TaskClassification], clock: FakeClock, **settings: Any) -> Runtime:
+    """The classifier's runtime as an app declares it, with ``terminal`` for the agent and no NATS connection."""
+    config = Settings(**{"nats_url": "nats://127.0.0.1:1", "nak_backoff_s": (2.0, 10.0), "max_deliver": 3, **settings})
+    reliable = Stanchion(NatsBroker("nats://127.0.0.1:1"), settings=config, clock=clock, results=InMemoryResultStore())
+    candidates = {m.name: Candidate(m.name) for m in policy.models}
+    return declare(reliable, policy=policy, candidates=candidates, terminal=terminal).runtime
+
+
+def make_service(terminal: TerminalStub, clock: FakeClock, **settings: Any) -> Runtime:
+    return runtime(POLICY, terminal, clock, **settings)
 
 
 def event(event_id: str = "e-1") -> bytes:
@@ -53,7 +69,7 @@ def event(event_id: str = "e-1") -> bytes:
 
 async def test_an_answered_event_is_stored_and_never_sent_to_the_model_again() -> None:
     """The second time an event id comes, the stored result answers it without calling the stack."""
-    terminal = Terminal()
+    terminal = TerminalStub()
     service = make_service(terminal, FakeClock())
     first = await service.handle(event(), subject="tasks.classify")
     again = await service.handle(event(), subject="tasks.classify", delivery=2)
@@ -65,7 +81,7 @@ async def test_an_answered_event_is_stored_and_never_sent_to_the_model_again() -
 
 async def test_a_published_result_is_only_acked_on_redelivery() -> None:
     """Once the service recorded the publication, a redelivery says there is nothing left to publish."""
-    service = make_service(Terminal(), FakeClock())
+    service = make_service(TerminalStub(), FakeClock())
     first = await service.handle(event(), subject="tasks.classify")
     assert isinstance(first, Answered)
     await service.published(first.envelope)
@@ -76,7 +92,7 @@ async def test_a_published_result_is_only_acked_on_redelivery() -> None:
 async def test_transient_failure_naks_with_the_backoff_of_its_delivery() -> None:
     """Every candidate failed transiently and deliveries remain: nak with the delay for this delivery."""
     clock = FakeClock()
-    terminal = Terminal(failures=100)
+    terminal = TerminalStub(failures=100)
     service = make_service(terminal, clock)
     outcome = await service.handle(event(), subject="tasks.classify", delivery=2)
     assert isinstance(outcome, Redeliver)
@@ -86,7 +102,7 @@ async def test_transient_failure_naks_with_the_backoff_of_its_delivery() -> None
 
 async def test_the_last_delivery_is_dead_lettered_as_exhausted_with_every_cause() -> None:
     """On the last delivery a transient failure becomes an `exhausted` dead letter keeping its causes."""
-    service = make_service(Terminal(failures=100), FakeClock())
+    service = make_service(TerminalStub(failures=100), FakeClock())
     outcome = await service.handle(event("e-9"), subject="tasks.classify", delivery=3)
     assert isinstance(outcome, DeadLettered)
     dead = outcome.dead
@@ -98,7 +114,7 @@ async def test_the_last_delivery_is_dead_lettered_as_exhausted_with_every_cause(
 async def test_open_circuits_ask_for_a_pause_as_long_as_the_breaker_stays_open() -> None:
     """When the failure left every candidate's circuit open, the outcome carries the pause until it may close."""
     clock = FakeClock()
-    service = make_service(Terminal(failures=100), clock)
+    service = make_service(TerminalStub(failures=100), clock)
     outcome = await service.handle(event(), subject="tasks.classify")  # 2 failures trip the breaker
     assert isinstance(outcome, Redeliver)
     assert outcome.pause_s is not None
@@ -108,7 +124,7 @@ async def test_open_circuits_ask_for_a_pause_as_long_as_the_breaker_stays_open()
 
 async def test_retry_false_makes_one_attempt() -> None:
     """Handling again after a pause (retry=False) makes one attempt per candidate, not a new retry budget."""
-    terminal = Terminal(failures=1)
+    terminal = TerminalStub(failures=1)
     service = make_service(terminal, FakeClock())
     outcome = await service.handle(event(), subject="tasks.classify", retry=False)
     assert isinstance(outcome, Redeliver)
@@ -117,7 +133,7 @@ async def test_retry_false_makes_one_attempt() -> None:
 
 async def test_a_payload_quoting_a_secret_is_masked_and_flagged() -> None:
     """A poison payload containing the API key is stored masked and marked as not replayable."""
-    service = make_service(Terminal(), FakeClock(), openai_api_key="sk-unit-secret-123456")
+    service = make_service(TerminalStub(), FakeClock(), openai_api_key="sk-unit-secret-123456")
     outcome = await service.handle(b'{"id": 1, "text": "key sk-unit-secret-123456"}', subject="tasks.classify")
     assert isinstance(outcome, DeadLettered)
     assert "sk-unit-secret-123456" not in outcome.dead.model_dump_json()
@@ -136,18 +152,14 @@ class ScriptedTerminal:
         raise self.errors[call.candidate.name]
 
 
-def two_candidate_service(errors: dict[str, Exception]) -> ClassifierService:
+def two_candidate_service(errors: dict[str, Exception]) -> Runtime:
     policy = Policy.model_validate(
         {
             "models": [{"name": "primary", "model": "openai-chat:m"}, {"name": "backup", "model": "openai-chat:n"}],
             "routes": {"default": {"models": ["primary", "backup"], "heuristic": False, "retry": {"attempts": 1}}},
         }
     )
-    config = Settings(nats_url="nats://127.0.0.1:1", nak_backoff_s=(2.0,), max_deliver=3)
-    clock = FakeClock()
-    candidates = {"primary": Candidate("primary"), "backup": Candidate("backup")}
-    stack, breaker = build_stack(config, policy, terminal=ScriptedTerminal(errors), candidates=candidates, clock=clock)
-    return ClassifierService(config, policy, stack=stack, breaker=breaker, clock=clock, results=InMemoryResultStore())
+    return runtime(policy, ScriptedTerminal(errors), FakeClock(), nak_backoff_s=(2.0,))
 
 
 async def test_a_pause_needs_every_candidate_to_say_how_long_to_wait() -> None:

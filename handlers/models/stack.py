@@ -1,0 +1,124 @@
+"""The stack of one handler, built from its policy: Tracing → Route → Fallback → Retry → CircuitBreaker →
+Observe → Timeout → the terminal (see ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import structlog
+from opentelemetry import trace
+from tenacity import stop_after_attempt, wait_exponential_jitter
+
+from stanchion.handlers.policy import BreakerConfig, ResolvedPolicy
+from stanchion.middleware import (
+    SYSTEM_CLOCK,
+    AttemptRecorder,
+    BreakerPolicy,
+    BreakerStore,
+    Call,
+    Candidate,
+    CircuitBreaker,
+    Clock,
+    Fallback,
+    InMemoryBreakerStore,
+    Middleware,
+    Observe,
+    Retry,
+    RetryPolicy,
+    Route,
+    RouteSpec,
+    Rule,
+    Stack,
+    Terminal,
+    Timeout,
+    Tracing,
+)
+
+OutputT = TypeVar("OutputT")
+
+log = structlog.get_logger("stanchion.service")
+
+
+def breaker_policy(config: BreakerConfig) -> BreakerPolicy:
+    return BreakerPolicy(
+        consecutive_failures=config.consecutive_failures,
+        failure_rate=config.failure_rate,
+        window=config.window,
+        min_calls=config.min_calls,
+        open_for=config.open_s,
+        half_open_probes=config.half_open_probes,
+    )
+
+
+def build_stack(
+    policy: ResolvedPolicy,
+    terminal: Terminal[OutputT],
+    candidates: Mapping[str, Candidate],
+    *,
+    rules: Sequence[Rule] = (),
+    heuristic: Callable[[Call], Awaitable[OutputT]] | None = None,
+    attempt_timeout_s: float = 20.0,
+    tracing: bool = False,
+    clock: Clock = SYSTEM_CLOCK,
+    breaker_store: BreakerStore | None = None,
+    redact: Callable[[str], str] = str,
+    recorders: Sequence[AttemptRecorder] = (),
+    on_transition: Sequence[Callable[[str, Any, Any], None]] = (),
+) -> tuple[Stack[OutputT], CircuitBreaker]:
+    """The stack and its breaker.
+
+    Args:
+        policy: The handler's resolved policy (routes, retry, timeouts, breaker).
+        terminal: The innermost step (e.g. ``AgentTerminal``).
+        candidates: The policy's models as candidates, by name.
+        rules: Routing rules, in order.
+        heuristic: The answer of last resort (``None``: no degraded answers, whatever the routes say).
+        attempt_timeout_s: Per-attempt timeout where the route sets none.
+        tracing: Add the Tracing middleware and attempt spans (when an exporter is configured).
+        recorders: Told about every model call.
+        on_transition: Told about every breaker state change (besides its log line).
+    """
+    routes = {
+        name: RouteSpec(tuple(candidates[m] for m in route.models), route.heuristic and heuristic is not None)
+        for name, route in policy.routes.items()
+    }
+    retry = {
+        name: RetryPolicy(
+            stop=stop_after_attempt(route.retry.attempts),
+            wait=wait_exponential_jitter(
+                multiplier=route.retry.initial_s, max=route.retry.max_s, jitter=route.retry.jitter_s
+            ),
+            max_retry_after=route.retry.max_retry_after_s,
+        )
+        for name, route in policy.routes.items()
+    }
+    timeouts = {name: route.timeout.attempt_s or attempt_timeout_s for name, route in policy.routes.items()}
+    breaker = CircuitBreaker(
+        policy=breaker_policy(policy.breaker),
+        per_candidate={m.name: breaker_policy(m.breaker) for m in policy.models if m.breaker is not None},
+        store=breaker_store or InMemoryBreakerStore(),
+        clock=clock,
+        on_transition=[_log_transition, *on_transition],
+    )
+    model_names = {m.name: m.model for m in policy.models}
+    middleware: list[Middleware[OutputT]] = [
+        # Tracing only when an exporter is configured: without one its spans would be no-ops anyway.
+        *([Tracing(redact=redact, annotate_current=True)] if tracing else []),
+        Route(routes, rules, policy.default_route),
+        Fallback(heuristic),
+        Retry(per_route=retry),
+        breaker,
+        Observe(
+            recorders=recorders,
+            tracer=trace.get_tracer("stanchion") if tracing else None,
+            model_of=lambda candidate: model_names.get(candidate.name, candidate.name),
+            redact=redact,
+        ),
+        Timeout(attempt_timeout_s, per_route=timeouts),
+    ]
+    return Stack(middleware, terminal), breaker
+
+
+def _log_transition(key: str, old: Any, new: Any) -> None:
+    log.warning("circuit breaker changed state", candidate=key, old=old.value, new=new.value)

@@ -1,0 +1,76 @@
+"""The result store on a NATS KV bucket, shared by every replica and every handler of a deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from stanchion.handlers.runtime.results import StoredResult
+
+
+def result_key(key: str) -> str:
+    """KV keys allow only ``[-/_=.a-zA-Z0-9]``; handler names and event ids may hold anything: key by the hash."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyValueResultStore:
+    """A NATS KV bucket with a TTL, shared by every replica. Created on first use.
+
+    Args:
+        connection: Gives the NATS connection; called on first use, since the broker connects after the app is
+            built.
+        bucket: Bucket name.
+        ttl_s: How long results are kept.
+        js: Gives the JetStream context for the bucket (default: the connection's, with no options).
+    """
+
+    def __init__(
+        self,
+        connection: Callable[[], Client],
+        bucket: str,
+        ttl_s: float,
+        js: Callable[[], JetStreamContext] | None = None,
+    ) -> None:
+        self.connection = connection
+        self.js = js or (lambda: connection().jetstream())
+        self.bucket = bucket
+        self.ttl_s = ttl_s
+        self._kv: KeyValue | None = None
+        self._lock = asyncio.Lock()
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            async with self._lock:
+                if self._kv is None:
+                    js = self.js()
+                    try:
+                        self._kv = await js.key_value(self.bucket)
+                    except BucketNotFoundError:
+                        # Direct gets: a lookup is answered by any server holding the stream, without the JSON API.
+                        self._kv = await js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1, direct=True)
+        return self._kv
+
+    async def get(self, key: str) -> StoredResult | None:
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(result_key(key))
+        except KeyNotFoundError:
+            return None
+        value = entry.value or b""
+        return StoredResult(envelope=value[1:], published=value[:1] == b"P")
+
+    async def put(self, key: str, result: StoredResult) -> None:
+        kv = await self._bucket()
+        hashed = result_key(key)
+        if not result.published:
+            await kv.put(hashed, b"S" + result.envelope)
+            return
+        # The published mark without a confirmation round trip (a third of the store's cost per event): a plain
+        # publish to the bucket's subject, sent on the connection that published the result, after it.
+        await self.connection().publish(f"$KV.{self.bucket}.{hashed}", b"P" + result.envelope)

@@ -1,0 +1,271 @@
+"""One handler without the transport: bytes in, one ``Outcome`` out. Generic over the event and output types.
+
+``HandlerRuntime.handle`` decodes the payload, answers from the result store when the event was answered
+before, runs the reliability stack otherwise, and says what the transport must do with the message. The
+NATS wiring (``stanchion.handlers.nats``) is the only caller in production; tests call it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import structlog
+from pydantic import BaseModel
+
+from stanchion.contracts import DeadLetter, Decision, ResultEnvelope
+from stanchion.handlers.observability.stats import ServiceStats
+from stanchion.handlers.observability.telemetry import current_trace_id
+from stanchion.handlers.runtime.dead_letters import DeadLetters
+from stanchion.handlers.runtime.decode import Decoder, Poison
+from stanchion.handlers.runtime.outcome import Answered, DeadLettered, Outcome, Redeliver
+from stanchion.handlers.runtime.redelivery import RedeliveryPolicy
+from stanchion.handlers.runtime.results import ResultStore, StoredResult
+from stanchion.middleware import (
+    SYSTEM_CLOCK,
+    AllCandidatesFailed,
+    Call,
+    CircuitBreaker,
+    Clock,
+    NoCandidates,
+    Stack,
+    describe,
+    wait_hint,
+)
+
+EventT = TypeVar("EventT", bound=BaseModel)
+OutputT = TypeVar("OutputT", bound=BaseModel)
+
+log = structlog.get_logger("stanchion.handler")
+
+
+class HandlerRuntime(Generic[EventT, OutputT]):
+    """Bytes in, one ``Outcome`` out, for one handler. Holds its long-lived parts: decoder, stack, store, stats.
+
+    Args:
+        name: The handler's name: in envelopes, dead letters, stats, and the scope of its stored results.
+        decoder: Payload to event.
+        output_type: The agent's output type (the envelope's ``result``).
+        stack: The reliability stack around the agent.
+        results: Where answered events' envelopes are kept.
+        redelivery: Delays of naks and the number of deliveries.
+        redact: Masks secrets in everything the handler writes.
+        breaker: The stack's breaker, asked how long its circuits stay open (``None``: not asked).
+        deadline_s: Per-event deadline.
+        event_deadline: A tighter deadline of one event, in seconds (``None``: none).
+        max_pause_s: Longest pause a failure may ask for.
+        retry_redeliveries: Whether a redelivery may retry in-process too.
+        clock: Time source for the stack and deadlines.
+        stats: Where outcomes are counted (a new one when ``None``).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        decoder: Decoder[EventT],
+        output_type: type[OutputT],
+        stack: Stack[OutputT],
+        results: ResultStore,
+        redelivery: RedeliveryPolicy,
+        redact: Callable[[str], str],
+        breaker: CircuitBreaker | None = None,
+        deadline_s: float | None = None,
+        event_deadline: Callable[[EventT], float | None] | None = None,
+        max_pause_s: float = 60.0,
+        retry_redeliveries: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
+        stats: ServiceStats | None = None,
+    ) -> None:
+        self.name = name
+        self.decoder = decoder
+        self.output_type = output_type
+        self.envelope_type: type[ResultEnvelope[OutputT]] = ResultEnvelope[output_type]  # type: ignore[valid-type]
+        self.stack = stack
+        self.results = results
+        self.redelivery = redelivery
+        self.redact = redact
+        self.breaker = breaker
+        self.deadline_s = deadline_s
+        self.event_deadline = event_deadline
+        self.max_pause_s = max_pause_s
+        self.retry_redeliveries = retry_redeliveries
+        self.clock = clock
+        self.stats = stats or ServiceStats.for_this_process()
+        self.dead_letters = DeadLetters(name, redact)
+
+    def key(self, event_id: str) -> str:
+        """The result store key of an event: scoped by the handler, so two handlers never share a result."""
+        return f"{self.name}\x00{event_id}"
+
+    async def handle(
+        self,
+        data: bytes,
+        *,
+        subject: str,
+        headers: Mapping[str, str] | None = None,
+        delivery: int = 1,
+        retry: bool = True,
+    ) -> Outcome:
+        """Decode, answer, and say what to do with the message.
+
+        Every log line written meanwhile carries ``handler``, ``subject`` (and ``event_id`` once known); the
+        outcome is counted in ``stats``.
+
+        Args:
+            data: The payload as received.
+            subject: Where it arrived.
+            headers: Its headers.
+            delivery: Its delivery count; a redelivery gets no in-process retries unless
+                ``retry_redeliveries`` (the redelivery is the retry).
+            retry: ``False`` turns in-process retries off for this call (e.g. when retrying after a pause).
+        """
+        started = self.clock.now()
+        tokens = structlog.contextvars.bind_contextvars(handler=self.name, subject=subject, event_id=None)
+        call: Call | None = None
+        try:
+            outcome, call = await self._handle(data, subject, headers, delivery, retry, started)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+        self._count(outcome, call, self.clock.now() - started)
+        return outcome
+
+    def _count(self, outcome: Outcome, call: Call | None, latency_s: float) -> None:
+        if isinstance(outcome, Answered):
+            kind, error_type = ("stored" if outcome.stored else "answered"), None
+        elif isinstance(outcome, DeadLettered):
+            kind, error_type = "dead_letter", outcome.dead.error_type
+        else:
+            kind, error_type = "redelivered", None
+        self.stats.event_finished(outcome=kind, latency_s=latency_s, call=call, error_type=error_type)
+
+    async def _handle(
+        self,
+        data: bytes,
+        subject: str,
+        headers: Mapping[str, str] | None,
+        delivery: int,
+        retry: bool,
+        started: float,
+    ) -> tuple[Outcome, Call | None]:
+        event = self.decoder(data)
+        if isinstance(event, Poison):
+            return DeadLettered(self.poison(data, subject, delivery, event)), None
+        event_id = self.decoder.event_id(event)
+        structlog.contextvars.bind_contextvars(event_id=event_id)
+        if (stored := await self.results.get(self.key(event_id))) is not None:
+            log.info("already answered; no model call", delivery=delivery, published=stored.published)
+            envelope = self.envelope_type.model_validate_json(stored.envelope)
+            return Answered(envelope, stored=True, published=stored.published, data=stored.envelope), None
+        call = Call(
+            event=event,
+            subject=subject,
+            headers=dict(headers or {}),
+            clock=self.clock,
+            timeout=self.deadline_s,
+            delivery=delivery,
+            may_retry=retry and (delivery == 1 or self.retry_redeliveries),
+        )
+        if self.event_deadline is not None and (seconds := self.event_deadline(event)) is not None:
+            call.tighten_deadline(seconds)
+        try:
+            output = await self.stack(call)
+        except (AllCandidatesFailed, NoCandidates) as exc:
+            return await self._failed(exc, call, data, subject, delivery, event_id), call
+        envelope = self.envelope_type(
+            event_id=event_id,
+            handler=self.name,
+            result=output,
+            model=call.served_by or "unknown",
+            degraded=call.degraded,
+            attempts=call.attempts,
+            latency_ms=round((self.clock.now() - started) * 1000, 3),
+            usage=call.usage,
+            cost_usd=call.cost_usd,
+            trace_id=call.trace_id,
+            decisions=[self._redacted(d) for d in call.decisions],
+        )
+        body = envelope.model_dump_json().encode()
+        await self.results.put(self.key(event_id), StoredResult(body, published=False))
+        return Answered(envelope, data=body), call
+
+    async def published(self, envelope: ResultEnvelope[Any], data: bytes = b"") -> None:
+        """Record that the output stream confirmed this result: a redelivery will only ack."""
+        body = data or envelope.model_dump_json().encode()
+        await self.results.put(self.key(envelope.event_id), StoredResult(body, published=True))
+
+    async def _all_circuits_open_for(self, candidates: list[str]) -> float | None:
+        """When every candidate tried now has an open circuit: how long until the first may be tried again."""
+        if self.breaker is None or not candidates:
+            return None
+        waits = [await self.breaker.rejecting_for(name) for name in set(candidates)]
+        if any(wait is None for wait in waits):
+            return None
+        return min(min(w for w in waits if w is not None), self.max_pause_s)
+
+    def _redacted(self, decision: Decision) -> Decision:
+        detail = self.redact(decision.detail)
+        return decision if detail == decision.detail else decision.model_copy(update={"detail": detail})
+
+    def poison(self, data: bytes, subject: str, delivery: int, poison: Poison) -> DeadLetter:
+        """The dead letter of a payload that is not a valid event (logged once)."""
+        log.warning(
+            "poison message",
+            error_type=poison.error_type,
+            reason=self.redact(poison.reason),
+            subject=subject,
+            event_id=poison.event_id,
+        )
+        return self.dead_letter(
+            data,
+            subject=subject,
+            error_type=poison.error_type,
+            reason=poison.reason,
+            event_id=poison.event_id,
+            delivery=delivery,
+        )
+
+    def dead_letter(self, data: bytes, *, trace_id: str | None = None, **fields: Any) -> DeadLetter:
+        """A dead letter of this handler (see ``DeadLetters.build``), in the current trace when there is one."""
+        return self.dead_letters.build(data, trace_id=trace_id or current_trace_id(), **fields)
+
+    async def _failed(
+        self, exc: Exception, call: Call, data: bytes, subject: str, delivery: int, event_id: str
+    ) -> Outcome:
+        causes = list(exc.exceptions) if isinstance(exc, AllCandidatesFailed) else [exc]
+        transient = isinstance(exc, AllCandidatesFailed) and exc.transient
+        if transient and not self.redelivery.last(delivery):
+            # Pause only when every candidate said how long to wait (Retry-After, or an open circuit): one
+            # candidate's open circuit beside another's one-off 500 is no reason to stop all work.
+            waits = [wait_hint(cause) for cause in causes]
+            hint = min(w for w in waits if w is not None) if waits and None not in waits else None
+            if hint is None:
+                hint = await self._all_circuits_open_for(call.models_tried)
+            delay = self.redelivery.delay(delivery, hint)
+            log.warning(
+                "every candidate failed; redelivering later",
+                event_id=event_id,
+                delivery=delivery,
+                delay_s=delay,
+                pause_s=hint,
+                error=self.redact(describe(exc)),
+            )
+            return Redeliver(delay, self.redact(describe(exc)), pause_s=hint, event_id=event_id)
+        error_type = "exhausted" if transient else "failed"
+        reason = (
+            f"every candidate failed after {delivery} deliveries" if transient else "every candidate failed permanently"
+        )
+        return DeadLettered(
+            self.dead_letter(
+                data,
+                subject=subject,
+                error_type=error_type,
+                reason=reason,
+                event_id=event_id,
+                delivery=delivery,
+                models_tried=list(dict.fromkeys(call.models_tried)),
+                attempts=call.attempts,
+                errors=[describe(c) for c in causes],
+                trace_id=call.trace_id,
+            )
+        )
