@@ -66,6 +66,7 @@ from stanchion.middleware import (
 )
 
 EventT = TypeVar("EventT", bound=BaseModel)
+PromptEventT = TypeVar("PromptEventT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
 Predicate = Callable[[Any], bool | str | None]
@@ -81,6 +82,16 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 def derived_name(subject: str) -> str:
     """A handler's default name: its input subject with every run of other characters made ``-``."""
     return re.sub(r"[^A-Za-z0-9_]+", "-", subject).strip("-") or "handler"
+
+
+class Declaration(Generic[OutputT]):
+    """What ``Stanchion.agent(...)`` returns: applied to the prompt function, it declares the handler."""
+
+    def __init__(self, declare: Callable[[Callable[[Any], str]], Handler[Any, OutputT]]) -> None:
+        self._declare = declare
+
+    def __call__(self, prompt: Callable[[PromptEventT], str], /) -> Handler[PromptEventT, OutputT]:
+        return self._declare(prompt)
 
 
 class Handler(Generic[EventT, OutputT]):
@@ -206,12 +217,12 @@ class Stanchion:
         output: str | None = None,
         dead_letters: str | None = None,
         name: str | None = None,
-        event: type[EventT] | None = None,
+        event: type[BaseModel] | None = None,
         event_id: str | EventId = "id",
-        heuristic: Callable[[EventT], OutputT] | None = None,
-        deadline: Callable[[EventT], float | None] | None = None,
+        heuristic: Callable[[Any], OutputT] | None = None,
+        deadline: Callable[[Any], float | None] | None = None,
         rules: Mapping[str, Predicate] | None = None,
-        deps: Callable[[EventT], Any] | None = None,
+        deps: Callable[[Any], Any] | None = None,
         policy: Policy | str | Path | None = None,
         candidates: Mapping[str, Candidate] | None = None,
         terminal: Terminal[OutputT] | None = None,
@@ -224,7 +235,7 @@ class Stanchion:
         ack_wait_s: float | None = None,
         max_deliver: int | None = None,
         description: str | None = None,
-    ) -> Callable[[Callable[[EventT], str]], Handler[EventT, OutputT]]:
+    ) -> Declaration[OutputT]:
         """Declare a handler: events on ``subject`` answered by ``agent``, the prompt being the decorated function.
 
         Args:
@@ -255,8 +266,8 @@ class Stanchion:
             ConfigError: A bad name, an unknown rule or route, a model without its key or URL.
         """
 
-        def declare(prompt: Callable[[EventT], str]) -> Handler[EventT, OutputT]:
-            event_type: type[EventT] = event or typing.cast(type[EventT], _event_type(prompt))
+        def declare(prompt: Callable[[Any], str]) -> Handler[Any, OutputT]:
+            event_type = event or _event_type(prompt)
             handler_name = name or derived_name(subject)
             if not _NAME.match(handler_name):
                 raise ConfigError(f"handler name {handler_name!r}: use letters, digits, '_' and '-' only")
@@ -294,14 +305,14 @@ class Stanchion:
             self.handlers[handler_name] = handler
             return handler
 
-        return declare
+        return Declaration(declare)
 
     def _build(
         self,
         name: str,
         settings: Settings,
         *,
-        event_type: type[EventT],
+        event_type: type[BaseModel],
         agent: Agent[Any, OutputT],
         prompt: Callable[[EventT], str],
         event_id: EventId,
@@ -366,7 +377,7 @@ class Stanchion:
         )
         runtime: HandlerRuntime[EventT, OutputT] = HandlerRuntime(
             name=name,
-            decoder=Decoder(event_type, event_id, settings.max_payload_bytes),
+            decoder=Decoder(typing.cast(type[EventT], event_type), event_id, settings.max_payload_bytes),
             output_type=output_type,
             stack=stack,
             results=self.results,

@@ -155,7 +155,9 @@ class _Scope(BaseMiddleware[Any, Any]):
     is FastStream's own middleware, delegated to through its public hooks.
     """
 
-    def __init__(self, msg: Any, /, *, context: Any, inner: BaseMiddleware[Any, Any], telemetry: TelemetryMiddleware) -> None:
+    def __init__(
+        self, msg: Any, /, *, context: Any, inner: BaseMiddleware[Any, Any], telemetry: TelemetryMiddleware
+    ) -> None:
         super().__init__(msg, context=context)
         self.inner = inner
         self.telemetry = telemetry
