@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -10,6 +11,10 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ValidationError
 
 EventT = TypeVar("EventT", bound=BaseModel)
+
+MAX_ID_LENGTH = 512
+"""Longer ids are poison: an id travels in every envelope, log line and ``Nats-Msg-Id`` header."""
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 EventId = Callable[[Any], str]
 """Reads an event's id: the dedup key of the result store and of the output stream."""
@@ -23,6 +28,27 @@ def id_field(name: str = "id") -> EventId:
 
     read.__name__ = f"field {name!r}"
     return read
+
+
+def id_problem(event_id: object) -> str | None:
+    """Why ``event_id`` cannot identify an event (``None`` when it can).
+
+    An id must survive a NATS header (``Nats-Msg-Id``) and JSON unchanged: no control characters (CR, LF and NUL
+    among them: nats-py turns CR/LF into spaces, so two ids differing only there would collide), no lone
+    surrogates, at most ``MAX_ID_LENGTH`` characters. Surrounding whitespace is the event model's business (the
+    classifier's ``TaskEvent`` strips it).
+    """
+    if not isinstance(event_id, str) or not event_id:
+        return "the event's id is empty"
+    if len(event_id) > MAX_ID_LENGTH:
+        return f"the event's id is {len(event_id)} characters long; the limit is {MAX_ID_LENGTH}"
+    if (control := _CONTROL.search(event_id)) is not None:
+        return f"the event's id holds a control character ({control.group()!a}) at {control.start()}"
+    try:
+        event_id.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"the event's id holds a lone surrogate at {exc.start}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,13 +99,14 @@ class Decoder(Generic[EventT]):
                 f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
             )
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+            event_id = event_id if id_problem(event_id) is None else None  # a dead letter keeps only a usable id
             return Poison("poison.schema", f"payload is not a {self.event_type.__name__}: {problems}", event_id)
         try:
             event_id = self.event_id(event)
         except Exception as exc:
             return Poison("poison.id", f"cannot read the event's id: {type(exc).__name__}: {exc}")
-        if not isinstance(event_id, str) or not event_id:
-            return Poison("poison.id", "the event's id is empty")
+        if (problem := id_problem(event_id)) is not None:
+            return Poison("poison.id", problem)
         return event
 
     def id_of(self, data: bytes) -> str | None:

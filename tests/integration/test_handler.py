@@ -140,3 +140,29 @@ async def test_the_provider_clients_are_closed_once_the_app_has_stopped(
         assert clients
         assert not any(client.is_closed() for client in clients)
     assert all(client.is_closed() for client in clients)
+
+
+async def test_hostile_ids_are_dead_lettered_and_the_events_around_them_answered(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """Ids with CR, LF, NUL, a lone surrogate or 10k characters: one dead letter each, with its reason; the valid
+    events published between them are answered at once; every event is accounted for exactly once."""
+    provider = fake_openai()
+    hostile = ['"cr\\rid"', '"lf\\nid"', '"nul\\u0000id"', '"sur-\\ud800"', '"' + "x" * 10_000 + '"']
+    async with running_service(nats_server.url, policy_for(("primary", provider))) as svc:
+        valid = []
+        for i, raw_id in enumerate(hostile):
+            await svc.publish(f'{{"id": {raw_id}, "text": "the export crashes"}}'.encode())
+            valid.append(f"ok-{i}")
+            await svc.publish({"id": valid[-1], "text": "the export crashes"})
+        await svc.collector.wait_for(results=len(valid), dead=len(hostile), timeout=30)
+        await asyncio.sleep(0.3)  # nothing more arrives
+    assert sorted(r["event_id"] for r in svc.collector.results) == sorted(valid)
+    assert len(svc.collector.dead) == len(hostile)
+    reasons = sorted(d["reason"] for d in svc.collector.dead)
+    assert all(d["error_type"] in ("poison.id", "poison.schema") and d["event_id"] is None for d in svc.collector.dead)
+    assert any("control character ('\\r')" in r for r in reasons)
+    assert any("control character ('\\n')" in r for r in reasons)
+    assert any("control character ('\\x00')" in r for r in reasons)
+    assert any("lone surrogate" in r or "unicode string" in r for r in reasons)
+    assert any("id" in r and ("10000" in r or "at most 200" in r) for r in reasons)

@@ -57,3 +57,20 @@ def test_an_id_function_that_fails_or_gives_nothing_is_poison() -> None:
     failing = Decoder(Keyed, lambda e: e.missing, 1024)(b'{"ref": 1, "text": "t"}')
     assert isinstance(empty, Poison) and empty.error_type == "poison.id"
     assert isinstance(failing, Poison) and failing.error_type == "poison.id" and "AttributeError" in failing.reason
+
+
+def test_ids_that_cannot_survive_a_header_or_json_are_poison() -> None:
+    """CR, LF, NUL and other control characters, a lone surrogate, an over-long id: ``poison.id`` with the reason."""
+    decode = Decoder(Email, id_field(), 64 * 1024)
+    cases = {
+        '"a\\nb"': "control character ('\\n') at 1",
+        '"a\\rb"': "control character ('\\r') at 1",
+        '"nul\\u0000"': "control character ('\\x00') at 3",
+        '"sur-\\ud800"': "lone surrogate at 4",
+        '"' + "x" * 10_000 + '"': "10000 characters long",
+    }
+    for raw_id, reason in cases.items():
+        poison = decode(f'{{"id": {raw_id}, "body": "hello"}}'.encode())
+        assert isinstance(poison, Poison) and poison.error_type == "poison.id", raw_id
+        assert reason in poison.reason and poison.event_id is None
+    assert decode(b'{"id": "a b", "body": "hello"}') == Email(id="a b", body="hello")
