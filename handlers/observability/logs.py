@@ -91,6 +91,19 @@ class LlmCallLog:
         )
 
 
+class QuietPullTimeouts(logging.Filter):
+    """Drops FastStream's "Task-N raised an exception, retrying..." when the exception is a pull's timeout.
+
+    FastStream 0.7.8 suppresses ``nats.errors.TimeoutError`` around a pull subscriber's ``fetch``, but nats-py 2.16
+    raises ``asyncio.TimeoutError`` there when no message came: an empty pull, not a failure. The supervisor then
+    logs it at error level with a traceback (once per process) and restarts the task, as it should.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, TimeoutError) and "raised an exception, retrying" in str(record.msg))
+
+
 def configure_logging(
     level: str = "info", fmt: str = "console", secrets: Iterable[str] = (), stream: TextIO | None = None
 ) -> None:
@@ -130,6 +143,7 @@ def configure_logging(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    handler.addFilter(QuietPullTimeouts())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

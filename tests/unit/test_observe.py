@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -10,6 +13,7 @@ from opentelemetry.trace import StatusCode
 from tenacity import stop_after_attempt, wait_fixed
 
 from stanchion.contracts import Usage
+from stanchion.handlers.observability.logs import QuietPullTimeouts
 from stanchion.middleware import (
     AttemptRecord,
     Call,
@@ -129,3 +133,19 @@ async def test_with_a_tracer_each_attempt_is_a_span_the_failed_one_with_its_reda
     assert [e.name for e in failed.events] == ["exception"]
     assert ok.status.status_code is StatusCode.UNSET
     assert "stanchion.failure" not in dict(ok.attributes or {})
+
+
+def test_an_empty_pull_is_not_logged_as_an_error() -> None:
+    """FastStream's supervisor line for a pull's asyncio timeout is dropped; any other task failure is kept."""
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = sys.exc_info()
+        message = "Task-7 raised an exception, retrying...\nIf this behavior causes issues, ..."
+        return logging.LogRecord("faststream", logging.ERROR, __file__, 1, message, None, info)
+
+    quiet = QuietPullTimeouts()
+    assert not quiet.filter(record(TimeoutError()))
+    assert quiet.filter(record(RuntimeError("real failure")))
