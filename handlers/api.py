@@ -432,7 +432,9 @@ class Stanchion:
         )
         dead = broker.publisher(
             settings.dlq_subject,
-            stream=output_stream(settings.dlq_stream, settings.dlq_subject, settings, declare=not bind),
+            stream=output_stream(
+                settings.dlq_stream, settings.dlq_subject, settings, dead_letters=True, declare=not bind
+            ),
             schema=DeadLetter,
             title=f"{handler.name}: dead letters",
             description="Events the handler could not answer, with their reason and payload.",

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     max_pause_s: float = Field(default=60.0, gt=0)
     input_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     input_retention: Literal["limits", "workqueue", "interest"] = "limits"
+    output_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    """How long the output streams keep results (their duplicate window must fit in it)."""
+    output_max_bytes: int = Field(default=-1, ge=-1)
+    """Size cap of each output stream, oldest results dropped first (-1: none)."""
+    dlq_max_age_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    """How long the dead-letter streams keep dead letters."""
+    dlq_max_bytes: int = Field(default=-1, ge=-1)
     retry_redeliveries: bool = False
     shutdown_grace_s: float = Field(default=30.0, gt=0)
     nats_server_bin: Path | None = None
@@ -124,6 +131,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _windows(self) -> Settings:
+        if self.dedup_window_s > min(self.output_max_age_s, self.dlq_max_age_s):
+            raise ValueError(
+                f"STANCHION_DEDUP_WINDOW_S ({self.dedup_window_s:g}) must not exceed STANCHION_OUTPUT_MAX_AGE_S "
+                f"({self.output_max_age_s:g}) or STANCHION_DLQ_MAX_AGE_S ({self.dlq_max_age_s:g})"
+            )
         if self.dedup_window_s <= self.ack_wait_s:
             # A result republished after a crash must still fall inside the window to be dropped as a duplicate.
             raise ValueError(

@@ -50,11 +50,22 @@ def input_stream(settings: Settings, *, declare: bool = True) -> JStream:
     )
 
 
-def output_stream(name: str, subject: str, settings: Settings, *, declare: bool = True) -> JStream:
-    """A file-backed stream that drops a second message with the same Nats-Msg-Id within the dedup window."""
+def output_stream(
+    name: str, subject: str, settings: Settings, *, dead_letters: bool = False, declare: bool = True
+) -> JStream:
+    """A file-backed stream that drops a second message with the same Nats-Msg-Id within the dedup window, and
+    keeps messages for ``STANCHION_OUTPUT_MAX_AGE_S`` (dead letters: ``STANCHION_DLQ_MAX_AGE_S``) and up to the
+    size cap, oldest first."""
     if not declare:
         return JStream(name, declare=False)
-    return JStream(name, subjects=[subject], duplicate_window=settings.dedup_window_s, storage=StorageType.FILE)
+    return JStream(
+        name,
+        subjects=[subject],
+        duplicate_window=settings.dedup_window_s,
+        storage=StorageType.FILE,
+        max_age=settings.dlq_max_age_s if dead_letters else settings.output_max_age_s,
+        max_bytes=settings.dlq_max_bytes if dead_letters else settings.output_max_bytes,
+    )
 
 
 def consumer_config(settings: Settings) -> ConsumerConfig:

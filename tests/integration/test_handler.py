@@ -166,3 +166,14 @@ async def test_hostile_ids_are_dead_lettered_and_the_events_around_them_answered
     assert any("control character ('\\x00')" in r for r in reasons)
     assert any("lone surrogate" in r or "unicode string" in r for r in reasons)
     assert any("id" in r and ("10000" in r or "at most 200" in r) for r in reasons)
+
+
+async def test_output_and_dead_letter_streams_are_bounded_by_age_and_size(nats_server: EmbeddedNats) -> None:
+    """The output and dead-letter streams keep messages for their max age and size cap: they never grow without end."""
+    settings = unique_settings(nats_server.url, output_max_age_s=3600.0, dlq_max_age_s=7200.0, dlq_max_bytes=1 << 20)
+    async with running_service(nats_server.url, policy_for(), settings=settings) as svc:
+        js = svc.client.jetstream()
+        output = (await js.stream_info(settings.output_stream)).config
+        dead = (await js.stream_info(settings.dlq_stream)).config
+    assert (output.max_age, output.max_bytes, output.duplicate_window) == (3600.0, -1, 3600.0)
+    assert (dead.max_age, dead.max_bytes) == (7200.0, 1 << 20)
