@@ -216,7 +216,7 @@ class MessageLoop:
                         body, {"Nats-Msg-Id": envelope.event_id, "content-type": "application/json"}
                     )
                     with contextlib.suppress(Exception):  # if this is lost, a redelivery republishes (dedup drops it)
-                        await self.runtime.published(envelope, body)
+                        await self.runtime.published(envelope, body, outcome.digest)
                 elif isinstance(outcome, DeadLettered):
                     await self._dead_letter(outcome.dead, msg)
                 return

@@ -13,6 +13,25 @@ from nats.js.kv import KeyValue
 
 from stanchion.handlers.runtime.results import StoredResult
 
+_DIGEST_LENGTH = 64
+
+
+def encode_value(result: StoredResult) -> bytes:
+    """``S`` (stored) or ``P`` (published), the event's digest (64 hex digits, when known), then the envelope."""
+    digest = result.digest.encode("ascii") if len(result.digest) == _DIGEST_LENGTH else b""
+    return (b"P" if result.published else b"S") + digest + result.envelope
+
+
+def decode_value(value: bytes) -> StoredResult:
+    """The inverse of ``encode_value``; a value written before digests were kept (``S{...``) has none."""
+    published = value[:1] == b"P"
+    rest = value[1:]
+    if rest[:1] == b"{":
+        return StoredResult(envelope=rest, published=published)
+    return StoredResult(
+        envelope=rest[_DIGEST_LENGTH:], published=published, digest=rest[:_DIGEST_LENGTH].decode("ascii")
+    )
+
 
 def result_key(key: str) -> str:
     """KV keys allow only ``[-/_=.a-zA-Z0-9]``; handler names and event ids may hold anything: key by the hash."""
@@ -62,15 +81,14 @@ class KeyValueResultStore:
             entry = await kv.get(result_key(key))
         except KeyNotFoundError:
             return None
-        value = entry.value or b""
-        return StoredResult(envelope=value[1:], published=value[:1] == b"P")
+        return decode_value(entry.value or b"")
 
     async def put(self, key: str, result: StoredResult) -> None:
         kv = await self._bucket()
         hashed = result_key(key)
         if not result.published:
-            await kv.put(hashed, b"S" + result.envelope)
+            await kv.put(hashed, encode_value(result))
             return
         # The published mark without a confirmation round trip (a third of the store's cost per event): a plain
         # publish to the bucket's subject, sent on the connection that published the result, after it.
-        await self.connection().publish(f"$KV.{self.bucket}.{hashed}", b"P" + result.envelope)
+        await self.connection().publish(f"$KV.{self.bucket}.{hashed}", encode_value(result))

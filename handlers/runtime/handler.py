@@ -7,6 +7,7 @@ NATS wiring (``stanchion.handlers.nats``) is the only caller in production; test
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -37,6 +38,11 @@ EventT = TypeVar("EventT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
 log = structlog.get_logger("stanchion.handler")
+
+
+def content_digest(event: BaseModel) -> str:
+    """SHA-256 (hex) of the validated event's canonical JSON: with the handler and the id, the event's identity."""
+    return hashlib.sha256(event.model_dump_json().encode()).hexdigest()
 
 
 class HandlerRuntime(Generic[EventT, OutputT]):
@@ -153,10 +159,16 @@ class HandlerRuntime(Generic[EventT, OutputT]):
             return DeadLettered(self.poison(data, subject, delivery, event)), None
         event_id = self.decoder.event_id(event)
         structlog.contextvars.bind_contextvars(event_id=event_id)
+        digest = content_digest(event)
         if (stored := await self.results.get(self.key(event_id))) is not None:
+            if stored.digest and stored.digest != digest:
+                return DeadLettered(self._conflict(data, subject, delivery, event_id, stored.digest, digest)), None
             log.info("already answered; no model call", delivery=delivery, published=stored.published)
             envelope = self.envelope_type.model_validate_json(stored.envelope)
-            return Answered(envelope, stored=True, published=stored.published, data=stored.envelope), None
+            return (
+                Answered(envelope, stored=True, published=stored.published, data=stored.envelope, digest=digest),
+                None,
+            )
         call = Call(
             event=event,
             subject=subject,
@@ -186,13 +198,26 @@ class HandlerRuntime(Generic[EventT, OutputT]):
             decisions=[self._redacted(d) for d in call.decisions],
         )
         body = envelope.model_dump_json().encode()
-        await self.results.put(self.key(event_id), StoredResult(body, published=False))
-        return Answered(envelope, data=body), call
+        await self.results.put(self.key(event_id), StoredResult(body, published=False, digest=digest))
+        return Answered(envelope, data=body, digest=digest), call
 
-    async def published(self, envelope: ResultEnvelope[Any], data: bytes = b"") -> None:
+    async def published(self, envelope: ResultEnvelope[Any], data: bytes = b"", digest: str = "") -> None:
         """Record that the output stream confirmed this result: a redelivery will only ack."""
         body = data or envelope.model_dump_json().encode()
-        await self.results.put(self.key(envelope.event_id), StoredResult(body, published=True))
+        await self.results.put(self.key(envelope.event_id), StoredResult(body, published=True, digest=digest))
+
+    def _conflict(
+        self, data: bytes, subject: str, delivery: int, event_id: str, answered: str, this: str
+    ) -> DeadLetter:
+        """An event whose id was answered for other content: never dropped silently, a dead letter naming both."""
+        reason = (
+            f"event id {event_id!r} was already answered for other content (sha256 {answered}); "
+            f"this event's content is sha256 {this}"
+        )
+        log.warning("id reused with other content", error_type="conflict.id", answered=answered, this=this)
+        return self.dead_letter(
+            data, subject=subject, error_type="conflict.id", reason=reason, event_id=event_id, delivery=delivery
+        )
 
     async def _all_circuits_open_for(self, candidates: list[str]) -> float | None:
         """When every candidate tried now has an open circuit: how long until the first may be tried again."""

@@ -25,6 +25,8 @@ class Answered(Generic[OutputT]):
     published: bool = False
     data: bytes = b""
     """The envelope as JSON, serialised once (empty: serialise ``envelope``)."""
+    digest: str = ""
+    """The answered event's content digest (``content_digest``), stored with the published mark."""
 
     @property
     def body(self) -> bytes:

@@ -8,10 +8,12 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class StoredResult:
-    """A result envelope, and whether its publication was confirmed."""
+    """A result envelope, whether its publication was confirmed, and the digest of the event it answered."""
 
     envelope: bytes
     published: bool
+    digest: str = ""
+    """SHA-256 (hex) of the answered event's canonical JSON; empty for results stored before digests were kept."""
 
 
 class ResultStore(Protocol):

@@ -177,3 +177,25 @@ async def test_output_and_dead_letter_streams_are_bounded_by_age_and_size(nats_s
         dead = (await js.stream_info(settings.dlq_stream)).config
     assert (output.max_age, output.max_bytes, output.duplicate_window) == (3600.0, -1, 3600.0)
     assert (dead.max_age, dead.max_bytes) == (7200.0, 1 << 20)
+
+
+async def test_an_id_reused_with_other_content_is_a_conflict_dead_letter_not_a_silent_drop(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """Same id, same content: answered once. Same id, other content: one ``conflict.id`` dead letter naming the id
+    and both content hashes and keeping the new payload; the model is asked once."""
+    provider = fake_openai()
+    async with running_service(nats_server.url, policy_for(("primary", provider))) as svc:
+        await svc.publish({"id": "dup", "text": "the export crashes"})
+        await svc.collector.wait_for(results=1)
+        await svc.publish({"id": "dup", "text": "  the export crashes  "})  # same content once stripped
+        await svc.publish({"id": "dup", "text": "please add dark mode"})
+        await svc.collector.wait_for(results=1, dead=1)
+        await asyncio.sleep(0.5)
+    results = svc.collector.results
+    assert [r["event_id"] for r in results] == ["dup"]
+    [dead] = svc.collector.dead
+    assert dead["error_type"] == "conflict.id" and dead["event_id"] == "dup"
+    assert "already answered for other content" in dead["reason"] and dead["reason"].count("sha256 ") == 2
+    assert "dark mode" in dead["payload"]
+    assert provider.count == 1

@@ -8,7 +8,7 @@ import itertools
 import nats
 
 from stanchion.handlers.nats.embedded import EmbeddedNats
-from stanchion.handlers.nats.results import KeyValueResultStore
+from stanchion.handlers.nats.results import KeyValueResultStore, result_key
 from stanchion.handlers.runtime.results import StoredResult
 
 _buckets = itertools.count()
@@ -32,14 +32,28 @@ async def test_the_published_mark_replaces_the_stored_result(nats_server: Embedd
     client = await nats.connect(nats_server.url)
     try:
         store = KeyValueResultStore(lambda: client, f"r{next(_buckets)}_results", ttl_s=60)
-        await store.put("e-1", StoredResult(b"body", published=False))
-        await store.put("e-1", StoredResult(b"body", published=True))
+        await store.put("e-1", StoredResult(b'{"event_id": "e-1"}', published=False))
+        await store.put("e-1", StoredResult(b'{"event_id": "e-1"}', published=True, digest="ab" * 32))
         await client.flush()
         for _ in range(50):  # the bucket stores it on its own time: poll briefly
             if (found := await store.get("e-1")) is not None and found.published:
                 break
             await asyncio.sleep(0.02)
-        assert found == StoredResult(b"body", published=True)
+        assert found == StoredResult(b'{"event_id": "e-1"}', published=True, digest="ab" * 32)
         assert await store.get("e-2") is None
+    finally:
+        await client.close()
+
+
+async def test_a_result_stored_before_digests_were_kept_still_reads(nats_server: EmbeddedNats) -> None:
+    """A value of the previous release (``S{...}``, no digest) reads as a stored result without a digest."""
+    client = await nats.connect(nats_server.url)
+    try:
+        bucket = f"r{next(_buckets)}_results"
+        store = KeyValueResultStore(lambda: client, bucket, ttl_s=60)
+        await store.put("warm-up", StoredResult(b"{}", published=False))
+        kv = await client.jetstream().key_value(bucket)
+        await kv.put(result_key("old"), b'S{"event_id": "old"}')
+        assert await store.get("old") == StoredResult(b'{"event_id": "old"}', published=False, digest="")
     finally:
         await client.close()
