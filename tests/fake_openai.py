@@ -43,6 +43,8 @@ class FakeOpenAI:
     slow_s: float = 5.0
     latency_s: float = 0.0
     echo_auth: bool = False
+    quote_auth: bool = False
+    """Answer with the request's Authorization header in the output's text (a provider or proxy echoing it)."""
     always: Fault = "ok"
     fault_rate: float = 0.0
     faults: tuple[Fault, ...] = FAULTS
@@ -202,11 +204,13 @@ class FakeOpenAI:
         if fault == "malformed":
             self._write_raw(writer, 200, b'{"id": "chatcmpl-x", "choices": [ {"mess', "application/json")
             return True
-        self._write(writer, 200, self._completion(body, invalid=fault == "invalid"))
+        self._write(writer, 200, self._completion(body, invalid=fault == "invalid", authorization=authorization))
         return True
 
-    def _completion(self, body: dict[str, Any], *, invalid: bool) -> dict[str, Any]:
+    def _completion(self, body: dict[str, Any], *, invalid: bool, authorization: str = "") -> dict[str, Any]:
         text = " ".join(str(m.get("content", "")) for m in body.get("messages", []) if m.get("role") == "user")
+        if self.quote_auth:
+            text = f"{authorization} {text}"
         answer: dict[str, Any] = {
             "category": self.category,
             "priority": 9 if invalid else 2 + len(text) % 3,

@@ -11,6 +11,16 @@ from stanchion.contracts import DeadLetter
 MAX_DEAD_PAYLOAD = 16 * 1024
 
 
+def printable(text: str) -> str:
+    """``text`` with anything JSON cannot carry (lone surrogates, from exception texts or ids) backslash-escaped:
+    a dead letter must always serialise, or the event it is about would be lost."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 @dataclass(frozen=True)
 class DeadLetters:
     """Builds the dead letters of one handler.
@@ -51,10 +61,10 @@ class DeadLetters:
             else:
                 payload, encoding = base64.b64encode(kept).decode("ascii"), "base64"
         return DeadLetter(
-            subject=subject,
+            subject=printable(subject),
             handler=self.handler,
-            event_id=event_id,
-            reason=self.redact(reason),
+            event_id=printable(event_id) if event_id is not None else None,
+            reason=printable(self.redact(reason)),
             error_type=error_type,
             payload=payload,
             payload_truncated=len(data) > MAX_DEAD_PAYLOAD,
@@ -63,6 +73,6 @@ class DeadLetters:
             models_tried=models_tried or [],
             attempts=attempts,
             deliveries=delivery,
-            errors=[self.redact(e) for e in errors or []],
+            errors=[printable(self.redact(e)) for e in errors or []],
             trace_id=trace_id,
         )

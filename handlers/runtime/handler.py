@@ -12,7 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import structlog
-from pydantic import BaseModel
+from opentelemetry import metrics
+from pydantic import BaseModel, ValidationError
 
 from stanchion.contracts import DeadLetter, Decision, ResultEnvelope
 from stanchion.handlers.observability.stats import ServiceStats
@@ -38,6 +39,16 @@ EventT = TypeVar("EventT", bound=BaseModel)
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
 log = structlog.get_logger("stanchion.handler")
+
+
+def _mask_strings(value: Any, redact: Callable[[str], str]) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [_mask_strings(v, redact) for v in value]
+    if isinstance(value, dict):
+        return {k: _mask_strings(v, redact) for k, v in value.items()}
+    return value
 
 
 def content_digest(event: BaseModel) -> str:
@@ -99,6 +110,9 @@ class HandlerRuntime(Generic[EventT, OutputT]):
         self.clock = clock
         self.stats = stats or ServiceStats.for_this_process()
         self.dead_letters = DeadLetters(name, redact)
+        self.masked = metrics.get_meter("stanchion").create_counter(
+            "stanchion.secrets.masked", unit="{secret}", description="Known secrets masked before leaving the process."
+        )
 
     def key(self, event_id: str) -> str:
         """The result store key of an event: scoped by the handler, so two handlers never share a result."""
@@ -198,6 +212,14 @@ class HandlerRuntime(Generic[EventT, OutputT]):
             decisions=[self._redacted(d) for d in call.decisions],
         )
         body = envelope.model_dump_json().encode()
+        text = body.decode()
+        if self.redact(text) != text:
+            # A known secret (or a key-shaped string) in the answer: mask it in the typed output, or refuse the answer.
+            try:
+                envelope = envelope.model_copy(update={"result": self._masked(output)})
+            except ValidationError as exc:
+                return self._secret_in_output(exc, call, data, subject, delivery, event_id), call
+            body = envelope.model_dump_json().encode()
         await self.results.put(self.key(event_id), StoredResult(body, published=False, digest=digest))
         return Answered(envelope, data=body, digest=digest), call
 
@@ -205,6 +227,34 @@ class HandlerRuntime(Generic[EventT, OutputT]):
         """Record that the output stream confirmed this result: a redelivery will only ack."""
         body = data or envelope.model_dump_json().encode()
         await self.results.put(self.key(envelope.event_id), StoredResult(body, published=True, digest=digest))
+
+    def _masked(self, output: OutputT) -> OutputT:
+        """``output`` with every known secret in its string fields masked, validated again as its type."""
+        data = output.model_dump(mode="json")
+        masked = _mask_strings(data, self.redact)
+        self.masked.add(1, {"handler": self.name, "where": "output"})
+        log.warning("a secret in the answer was masked", handler=self.name)
+        return self.output_type.model_validate(masked)
+
+    def _secret_in_output(
+        self, exc: ValidationError, call: Call, data: bytes, subject: str, delivery: int, event_id: str
+    ) -> Outcome:
+        """The answer held a secret, and masked it is no longer valid: dead-lettered, never published."""
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5])
+        return DeadLettered(
+            self.dead_letter(
+                data,
+                subject=subject,
+                error_type="secret_in_output",
+                reason=f"the answer held a known secret, and masked it is not a valid {self.output_type.__name__}",
+                event_id=event_id,
+                delivery=delivery,
+                models_tried=list(dict.fromkeys(call.models_tried)),
+                attempts=call.attempts,
+                errors=[problems],
+                trace_id=call.trace_id,
+            )
+        )
 
     def _conflict(
         self, data: bytes, subject: str, delivery: int, event_id: str, answered: str, this: str

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import os
 from collections.abc import Callable
 
 from stanchion.contracts import DeadLetter, ResultEnvelope, TaskClassification
 from stanchion.handlers.nats.embedded import EmbeddedNats
-from tests.conftest import policy_for, running_service, unique_settings
+from tests.conftest import policy_for, read_stream, running_service, unique_settings
 from tests.fake_openai import FakeOpenAI
 
 
@@ -199,3 +201,27 @@ async def test_an_id_reused_with_other_content_is_a_conflict_dead_letter_not_a_s
     assert "already answered for other content" in dead["reason"] and dead["reason"].count("sha256 ") == 2
     assert "dark mode" in dead["payload"]
     assert provider.count == 1
+
+
+async def test_a_provider_quoting_the_key_in_its_answer_never_gets_it_published_or_stored(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI]
+) -> None:
+    """The answer's text quotes the API key: the result on the output stream and the stored result have it masked."""
+    secret = "sk-test-quoted-0123456789"
+    provider = fake_openai(quote_auth=True)
+    settings = unique_settings(nats_server.url, openai_api_key=secret)
+    policy = policy_for(("primary", provider), model_options={"primary": {"api_key_env": "STANCHION_TEST_KEY"}})
+    os.environ["STANCHION_TEST_KEY"] = secret
+    try:
+        async with running_service(nats_server.url, policy, settings=settings) as svc:
+            await svc.publish({"id": "quote-1", "text": "the export crashes"})
+            await svc.collector.wait_for(results=1)
+            kv = await svc.client.jetstream().key_value(settings.result_bucket)
+            stored = [(await kv.get(key)).value or b"" for key in await kv.keys()]
+            published = await read_stream(svc.client, settings.output_stream)
+    finally:
+        del os.environ["STANCHION_TEST_KEY"]
+    [result] = svc.collector.results
+    assert "Bearer ***" in result["result"]["summary"]
+    assert secret not in json.dumps(published) and secret not in json.dumps(result)
+    assert stored and all(secret.encode() not in value for value in stored)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from stanchion.handlers.runtime.dead_letters import DeadLetters
 from stanchion.handlers.runtime.decode import Decoder, Poison, id_field
 
 
@@ -74,3 +75,12 @@ def test_ids_that_cannot_survive_a_header_or_json_are_poison() -> None:
         assert isinstance(poison, Poison) and poison.error_type == "poison.id", raw_id
         assert reason in poison.reason and poison.event_id is None
     assert decode(b'{"id": "a b", "body": "hello"}') == Email(id="a b", body="hello")
+
+
+def test_a_dead_letter_always_serialises_even_with_a_lone_surrogate_in_its_texts() -> None:
+    """Exception texts may carry lone surrogates: the dead letter escapes them instead of failing to serialise."""
+    dead = DeadLetters("h", str).build(
+        b"{}", subject="s", error_type="internal", reason="bad \ud800 text", errors=["cause \udfff"], event_id="e"
+    )
+    body = dead.model_dump_json()
+    assert "bad \\\\ud800 text" in body and "cause \\\\udfff" in body

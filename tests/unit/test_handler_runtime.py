@@ -10,6 +10,8 @@ import json
 from typing import Any
 
 from faststream.nats import NatsBroker
+from pydantic import BaseModel, Field
+from pydantic_ai import Agent
 
 from stanchion.contracts import TaskClassification, TaskEvent
 from stanchion.handlers.api import Stanchion
@@ -195,3 +197,49 @@ def test_the_redactor_masks_key_shapes_and_leaves_other_text_as_it_is() -> None:
     assert redact("sk-ant-abcdefgh1234") == "***"
     assert redact("pw=hunter2-password, hunting") == "pw=***, hunting"
     assert redact("pw=hunter2-pass") == "pw=***"
+
+
+async def test_a_secret_in_the_answer_is_masked_in_the_envelope_and_the_stored_result() -> None:
+    """An answer quoting a known secret is published and stored with the secret masked."""
+
+    class Quoting(TerminalStub):
+        async def __call__(self, call: Call) -> TaskClassification:
+            call.attempts += 1
+            return ANSWER.model_copy(update={"summary": "key sk-unit-secret-123456 leaked"})
+
+    service = runtime(POLICY, Quoting(), FakeClock(), openai_api_key="sk-unit-secret-123456")
+    outcome = await service.handle(event(), subject="tasks.classify")
+    assert isinstance(outcome, Answered)
+    assert outcome.envelope.result.summary == "key *** leaked"
+    stored = await service.results.get(service.key("e-1"))
+    assert stored is not None and b"sk-unit-secret" not in stored.envelope and b"sk-unit-secret" not in outcome.body
+
+
+class Token(BaseModel):
+    value: str = Field(pattern=r"^sk-")
+
+
+async def test_an_answer_that_masked_is_no_longer_valid_is_dead_lettered_never_published() -> None:
+    """When masking the secret makes the answer invalid for its type, the event is a ``secret_in_output`` dead
+    letter, and the secret is in no part of it."""
+    secret = "sk-unit-secret-654321"
+
+    async def leaking(call: Call) -> Token:
+        call.attempts += 1
+        return Token(value=secret)
+
+    config = Settings(nats_url="nats://127.0.0.1:1", openai_api_key=secret)
+    reliable = Stanchion(
+        NatsBroker("nats://127.0.0.1:1"), settings=config, policy=POLICY, results=InMemoryResultStore()
+    )
+    agent: Agent[None, Token] = Agent(output_type=Token, defer_model_check=True)
+
+    @reliable.agent("tokens", agent=agent, candidates={"primary": Candidate("primary")}, terminal=leaking)
+    def ask(email: TaskEvent) -> str:
+        return email.text
+
+    outcome = await ask.runtime.handle(event(), subject="tokens")
+    assert isinstance(outcome, DeadLettered)
+    assert outcome.dead.error_type == "secret_in_output" and "not a valid Token" in outcome.dead.reason
+    assert secret not in outcome.dead.model_dump_json()
+    assert await ask.runtime.results.get(ask.runtime.key("e-1")) is None
