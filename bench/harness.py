@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -104,6 +105,82 @@ def machine(load: tuple[float, float, float]) -> str:
     )
 
 
+@dataclass
+class Section:
+    """One comparison's part of RESULTS.md: its rows of the summary, its own section, and the run it came from."""
+
+    title: str
+    summary: list[str]
+    body: list[str]
+    """The lines after the section's heading, its footer (seconds and run) last."""
+    run: str
+    """The date of its run, as the header's list of runs names it."""
+
+
+_RUN = re.compile(r"^- \*\*(?P<date>[^*]+)\*\*: (?P<text>.*?)(?:; sections: .*)?$")
+_FOOTER = re.compile(r"^\((?P<seconds>\d+) s(?:; run of (?P<run>[^)]+))?\)$")
+
+
+def _section(report: Report, run: str) -> Section:
+    summary = [
+        f"| {report.title if i == 0 else ''} | {fig.name} | {fig.value} | {fig.target} | {fig.verdict} |"
+        for i, fig in enumerate(report.figures)
+    ]
+    body = ["", report.how, "", "| figure | value | target | | detail |", "|---|---|---|---|---|"]
+    body += [f"| {fig.name} | {fig.value} | {fig.target} | {fig.verdict} | {fig.detail} |" for fig in report.figures]
+    if report.notes:
+        body.append("")
+        body += [f"- {note}" for note in report.notes]
+    body += ["", f"({report.seconds:.0f} s; run of {run})"]
+    return Section(report.title, summary, body, run)
+
+
+def parse_results(text: str) -> tuple[dict[str, str], list[Section]]:
+    """The runs (date → what the header says of it) and sections of a RESULTS.md this module wrote.
+
+    Also reads the older layout with a single run (``- date:``, ``- machine:``, ``- command:``, ``- wall time:``).
+    """
+    lines = text.splitlines()
+    runs: dict[str, str] = {}
+    legacy: dict[str, str] = {}
+    for line in lines[: next((i for i, x in enumerate(lines) if x.startswith("## ")), len(lines))]:
+        if match := _RUN.match(line):
+            runs[match["date"]] = match["text"]
+        for key in ("date", "machine", "command", "wall time"):
+            if line.startswith(f"- {key}: "):
+                legacy[key] = line.removeprefix(f"- {key}: ")
+    if "date" in legacy:
+        wall, _, load = legacy.get("wall time", "").partition("; ")
+        runs[legacy["date"]] = (
+            f"{legacy.get('command', '')}, wall time {wall.strip()}; machine: {legacy.get('machine', '')}; {load}"
+        )
+    default_run = legacy.get("date") or next(iter(runs), "an earlier run")
+    headings = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    sections: list[Section] = []
+    summary: dict[str, list[str]] = {}
+    for start, end in zip(headings, [*headings[1:], len(lines)], strict=True):
+        title, body = lines[start].removeprefix("## "), lines[start + 1 : end]
+        while body and not body[-1].strip():
+            body.pop()
+        if title == "Summary":
+            current = ""
+            for row in body:
+                cells = row.split("|")
+                if not row.startswith("| ") or len(cells) < 3 or row.startswith("| comparison |"):
+                    continue
+                current = cells[1].strip() or current
+                summary.setdefault(current, []).append(row)
+            continue
+        run = default_run
+        if body and (footer := _FOOTER.match(body[-1])):
+            run = footer["run"] or default_run
+            body[-1] = f"({footer['seconds']} s; run of {run})"
+        sections.append(Section(title, [], body, run))
+    for section in sections:
+        section.summary = summary.get(section.title, [])
+    return runs, sections
+
+
 def render(
     reports: Sequence[Report],
     *,
@@ -111,17 +188,35 @@ def render(
     started: datetime.datetime,
     wall_s: float,
     load: tuple[float, float, float],
+    previous: str | None = None,
 ) -> str:
+    """RESULTS.md for ``reports``; with ``previous`` (the file as it was), its other sections are kept as they are,
+    each still naming the run it came from, and the sections of ``reports`` replace theirs."""
+    date = f"{started:%Y-%m-%d %H:%M} UTC"
+    runs = {
+        date: f"`{' '.join(['python -m bench.suite', *argv])}`, wall time {wall_s / 60:.1f} min; machine: "
+        f"{machine(load)}; load average at the end " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    }
+    sections = [_section(report, date) for report in reports]
+    if previous is not None:
+        old_runs, old_sections = parse_results(previous)
+        fresh = {section.title: section for section in sections}
+        sections = [fresh.pop(old.title, old) for old in old_sections] + list(fresh.values())
+        runs.update({run: text for run, text in old_runs.items() if run != date})
     lines = [
         "# Benchmark results",
         "",
-        "Written by `python -m bench.suite` (see `bench/suite.py`); do not edit by hand.",
+        "Written by `python -m bench.suite` (see `bench/suite.py`); do not edit by hand. A run of some of the "
+        "comparisons (`--only`) rewrites only their sections; the end of each section names the run it came from.",
         "",
-        f"- date: {started:%Y-%m-%d %H:%M} UTC",
-        f"- machine: {machine(load)}",
-        f"- command: `{' '.join(['python -m bench.suite', *argv])}`",
-        f"- wall time: {wall_s / 60:.1f} min; load average at the end "
-        + ", ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "Runs, newest first:",
+        "",
+    ]
+    for run, text in runs.items():
+        titles = [section.title.split(":")[0] for section in sections if section.run == run]
+        if titles:
+            lines.append(f"- **{run}**: {text}; sections: {', '.join(titles)}")
+    lines += [
         "",
         "Each comparison ran in one process run with its variants interleaved round by round; values are medians",
         "over the rounds (the range of the rounds is in brackets). The machine is shared with other work, so",
@@ -133,19 +228,10 @@ def render(
         "| comparison | figure | value | target | |",
         "|---|---|---|---|---|",
     ]
-    for report in reports:
-        for i, fig in enumerate(report.figures):
-            title = report.title if i == 0 else ""
-            lines.append(f"| {title} | {fig.name} | {fig.value} | {fig.target} | {fig.verdict} |")
-    for report in reports:
-        lines += ["", f"## {report.title}", "", report.how, ""]
-        lines += ["| figure | value | target | | detail |", "|---|---|---|---|---|"]
-        for fig in report.figures:
-            lines.append(f"| {fig.name} | {fig.value} | {fig.target} | {fig.verdict} | {fig.detail} |")
-        if report.notes:
-            lines.append("")
-            lines += [f"- {note}" for note in report.notes]
-        lines += ["", f"({report.seconds:.0f} s)"]
+    for section in sections:
+        lines += section.summary
+    for section in sections:
+        lines += ["", f"## {section.title}", *section.body]
     return "\n".join(lines) + "\n"
 
 
@@ -348,9 +434,10 @@ PROFILE_GROUPS = (
     ("genai-prices (cost)", ("(genai_prices/",)),
     ("FastStream", ("(faststream/",)),
     ("nats-py", ("(nats/",)),
-    ("stanchion middleware", ("(middleware/",)),
-    ("stanchion handlers", ("(handlers/",)),
-    ("result store (NATS KV)", ("(handlers/results.py", "(nats/js/kv.py")),
+    # py-spy names our files from src/ (stanchion/handlers/...), where the editable install puts them on sys.path.
+    ("stanchion middleware", ("(stanchion/middleware/", "(middleware/")),
+    ("stanchion handlers", ("(stanchion/handlers/", "(handlers/")),
+    ("result store (NATS KV)", ("(stanchion/handlers/nats/results.py", "(handlers/nats/results.py", "(nats/js/kv.py")),
     ("logging (structlog, logging)", ("(structlog/", "(logging/")),
     ("pydantic (validation, serialisation)", ("(pydantic/", "(pydantic_core/")),
     ("OpenTelemetry", ("(opentelemetry/",)),
@@ -358,8 +445,13 @@ PROFILE_GROUPS = (
 
 
 def _short(frame: str) -> str:
+    """``function (file:line)`` with our files from the package root (``handlers/nats/results.py``), others by their
+    last two path parts."""
     function, _, where = frame.partition(" (")
-    return f"{function} ({'/'.join(where.rstrip(')').split('/')[-2:])})"
+    where = where.rstrip(")")
+    if where.startswith("stanchion/"):
+        return f"{function} ({where.removeprefix('stanchion/')})"
+    return f"{function} ({'/'.join(where.split('/')[-2:])})"
 
 
 def summarise_profile(path: Path, top: int = 10) -> str:

@@ -2,8 +2,10 @@
 
 Starts its own nats-server (JetStream, temporary store) and its own OpenAI-compatible provider processes,
 runs each comparison in this one process run (variants interleaved, repeated, medians and ratios), prints
-a table per comparison and writes ``bench/RESULTS.md``. Comparisons: reference, overhead, tracing,
-concurrency, failfast, memory, agent. A full run takes about 10 minutes on 2 cores; ``--quick`` a few.
+a table per comparison and writes ``bench/RESULTS.md``: all of it after a run of every comparison, only the
+sections of the comparisons run with ``--only`` (the others stay, each naming the run it came from).
+Comparisons: reference, overhead, tracing, concurrency, failfast, memory, agent. A full run takes about 10
+minutes on 2 cores; ``--quick`` a few.
 """
 
 from __future__ import annotations
@@ -82,8 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(report)
     wall = time.perf_counter() - started
     if not args.no_write:
+        # A subset rewrites only its own sections: the others stay as their runs wrote them (each names its run).
+        previous = RESULTS.read_text() if set(chosen) != set(NAMES) and RESULTS.exists() else None
         RESULTS.write_text(
-            render(reports, argv=sys.argv[1:] if argv is None else argv, started=started_at, wall_s=wall, load=load)
+            render(
+                reports,
+                argv=sys.argv[1:] if argv is None else argv,
+                started=started_at,
+                wall_s=wall,
+                load=load,
+                previous=previous,
+            )
         )
         print(f"\nwrote {RESULTS}", flush=True)
     return 1 if failed else 0
