@@ -31,14 +31,16 @@ from stanchion.handlers.models.providers import build_candidates, close_models
 from stanchion.handlers.models.stack import build_stack
 from stanchion.handlers.models.terminal import AgentTerminal
 from stanchion.handlers.nats.broker import delivery_count, raw_body
-from stanchion.handlers.nats.loop import MessageLoop
+from stanchion.handlers.nats.loop import HAND_BACK_DELAY_S, PULL_TIMEOUT_S, MessageLoop
 from stanchion.handlers.nats.results import KeyValueResultStore
 from stanchion.handlers.nats.streams import (
     consumer_config,
     input_stream,
+    max_ack_pending,
     output_stream,
     pull_batch,
     reconcile_consumer,
+    recreate_stream,
     stream_prefix,
 )
 from stanchion.handlers.observability.logs import LlmCallLog
@@ -397,6 +399,7 @@ class Stanchion:
             publish_dead=_unset_publisher,
             ack_wait_s=settings.ack_wait_s,
             max_pause_s=settings.max_pause_s,
+            max_in_flight=settings.max_in_flight,
             clock=self.clock,
         )
         return Handler(
@@ -423,18 +426,20 @@ class Stanchion:
     ) -> None:
         broker, settings, loop = self.broker, handler.settings, handler.loop
         output_type = handler.runtime.output_type
+        result_stream = output_stream(settings.output_stream, settings.output_subject, settings, declare=not bind)
+        dead_stream = output_stream(
+            settings.dlq_stream, settings.dlq_subject, settings, dead_letters=True, declare=not bind
+        )
         results = broker.publisher(
             settings.output_subject,
-            stream=output_stream(settings.output_stream, settings.output_subject, settings, declare=not bind),
+            stream=result_stream,
             schema=ResultEnvelope[output_type],  # type: ignore[valid-type]
             title=f"{handler.name}: results",
             description=f"One ResultEnvelope[{output_type.__name__}] per event. Nats-Msg-Id is the event id.",
         )
         dead = broker.publisher(
             settings.dlq_subject,
-            stream=output_stream(
-                settings.dlq_stream, settings.dlq_subject, settings, dead_letters=True, declare=not bind
-            ),
+            stream=dead_stream,
             schema=DeadLetter,
             title=f"{handler.name}: dead letters",
             description="Events the handler could not answer, with their reason and payload.",
@@ -447,6 +452,15 @@ class Stanchion:
             await dead.publish(body, headers=dict(headers))
 
         loop.publish_result, loop.publish_dead = publish_result, publish_dead
+        if not bind:
+            streams = {"results": result_stream, "dead_letters": dead_stream}
+
+            async def repair(kind: str) -> None:
+                """Recreate a deleted output or dead-letter stream with the configuration it was created with."""
+                if await recreate_stream(broker.config.connection_state.stream, streams[kind]):
+                    log.warning("recreated a missing stream", stream=streams[kind].name, handler=handler.name)
+
+            loop.repair = repair
 
         async def consume(body: bytes) -> None:
             # The message from FastStream's context, not as a `msg: NatsMessage` parameter: FastDepends resolves such a
@@ -463,19 +477,34 @@ class Stanchion:
         # The event type in the signature documents the subject in AsyncAPI; the raw decoder hands over bytes.
         consume.__annotations__ = {"body": event_type | bytes, "return": None}
         consume.__name__ = re.sub(r"\W", "_", handler.name)
-        broker.subscriber(
+        subscriber = broker.subscriber(
             settings.input_subject,
             stream=input_stream(settings, declare=not bind),
             durable=settings.durable,
-            pull_sub=PullSub(batch_size=pull_batch(settings), timeout=1.0),
+            pull_sub=PullSub(batch_size=pull_batch(settings), timeout=PULL_TIMEOUT_S),
             config=consumer_config(settings),
-            max_workers=settings.max_in_flight,
+            # Every unacked message gets a worker at once and waits at the loop's own gate of max_in_flight: none
+            # waits inside FastStream, out of reach, when shutdown hands messages back.
+            max_workers=max_ack_pending(settings),
             ack_policy=AckPolicy.MANUAL,
             decoder=raw_body,
             title=f"{handler.name}: events",
             description=description
             or f"{event_type.__name__} events for {agent.name or handler.name}. Anything else becomes a dead letter.",
-        )(consume)
+        )
+        subscriber(consume)
+
+        async def drain() -> int:
+            """Nak what nats-py buffered for the pull subscription (``subscription``: nats-py's, once started)."""
+            pull = getattr(subscriber, "subscription", None)
+            if pull is None or not pull.pending_msgs:
+                return 0
+            messages = await pull.fetch(batch=pull.pending_msgs, timeout=0.2)
+            for message in messages:
+                await message.nak(delay=HAND_BACK_DELAY_S)
+            return len(messages)
+
+        loop.drain = drain
 
     # -- the app's life cycle ----------------------------------------------------------------------
 
@@ -491,6 +520,7 @@ class Stanchion:
         """Register the handlers' start-up and shutdown work on ``app`` (its public hooks) and return it."""
         self.check()
         app.context.set_global("stanchion", self)  # for the CLI's dead-letter tools (`--app`)
+        app.on_startup(self._preflight)  # before the broker starts: JetStream and the streams, one-line errors
         app.after_startup(self._started)
         app.on_shutdown(self._stopping)
         # After the broker stopped: the handlers still finishing during the grace period need the clients.
@@ -510,6 +540,12 @@ class Stanchion:
             )
         )
 
+    async def _preflight(self) -> None:
+        """Connect the broker and check JetStream and every handler's streams (``ConfigError``, one line)."""
+        from stanchion.handlers.nats.preflight import check_streams
+
+        await check_streams(self.broker, self.handlers)
+
     async def _started(self) -> None:
         """Bring every durable up to its settings; announce every handler's statistics (``stanchion report``)."""
         state = self.broker.config.connection_state
@@ -518,6 +554,9 @@ class Stanchion:
             self._stats_services.append(await register_stats(state.connection, handler.stats))
 
     async def _stopping(self) -> None:
+        """Shutdown began (before the broker stops): every handler hands back what it holds; stats withdrawn."""
+        for handler in self.handlers.values():
+            handler.loop.stop(handler.settings.shutdown_grace_s)
         for service in self._stats_services:
             try:
                 await service.stop()

@@ -11,7 +11,7 @@ import gc
 import importlib
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +21,8 @@ from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.nats.embedded import EmbeddedNats
 from stanchion.handlers.observability.logs import configure_logging
 from stanchion.handlers.observability.telemetry import Telemetry, configure_telemetry
+from stanchion.handlers.runtime.redact import environment_secrets
 from stanchion.handlers.settings import Settings, load_settings
-
-_SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET")
-
-
-def environment_secrets(environ: Iterable[tuple[str, str]] | None = None) -> list[str]:
-    """Values of every variable whose name says it is a secret (``*_API_KEY``, ``*_TOKEN``...), for redaction."""
-    items = environ if environ is not None else os.environ.items()
-    return [value for name, value in items if name.upper().endswith(_SECRET_SUFFIXES) and value]
 
 
 def tune_gc(threshold: int) -> None:

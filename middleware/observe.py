@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -20,7 +21,8 @@ R = TypeVar("R")
 class AttemptRecord:
     """One model call as the stack saw it.
 
-    ``outcome`` is ``"ok"`` or the failure's category (``transient``, ``permanent``, ``rejected``...).
+    ``outcome`` is ``"ok"``, ``"cancelled"`` (shutdown cancelled the call), or the failure's category
+    (``transient``, ``permanent``, ``rejected``...).
     Usage and cost are those the call added (zero when the provider failed before reporting any).
     """
 
@@ -90,6 +92,13 @@ class Observe:
                 span.set_status(Status(StatusCode.ERROR, error))
                 span.set_attributes({"error.type": type(exc).__name__, "stanchion.failure": outcome})
                 span.add_event("exception", {"exception.type": type(exc).__name__, "exception.message": error})
+            raise
+        except asyncio.CancelledError:
+            # Shutdown (or a caller's timeout) cancelled the call: recorded as such, never as a success.
+            outcome, error = "cancelled", "cancelled before an answer"
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
+                span.set_attribute("stanchion.failure", outcome)
             raise
         finally:
             candidate = call.candidate

@@ -11,11 +11,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import nats
 import typer
 from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from rich.console import Console
 from rich.progress import Progress
@@ -27,6 +29,9 @@ from stanchion.handlers.nats.connection import connect_options
 from stanchion.handlers.observability.logs import configure_logging
 from stanchion.handlers.observability.telemetry import configure_telemetry, publish_traced
 from stanchion.handlers.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from faststream import FastStream
 
 cli = typer.Typer(
     name="stanchion",
@@ -85,8 +90,9 @@ async def _connect(url: str, settings: Settings, **options: Any) -> Client:
         raise _fail(f"configuration error: {exc}") from None
 
 
-async def _check_nats(url: str, settings: Settings) -> None:
-    """Fail fast, with a readable message, when the server is unreachable or refuses us."""
+async def _check_nats(url: str, settings: Settings, *, jetstream: bool = False) -> None:
+    """Fail fast, with a readable message, when the server is unreachable or refuses us (``jetstream``: or has no
+    JetStream for us, or denies its API)."""
     try:
         options = connect_options(settings)
     except ConfigError as exc:
@@ -107,7 +113,21 @@ async def _check_nats(url: str, settings: Settings) -> None:
     except Exception as exc:
         cause = _most_telling(errors) or exc
         raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {cause or type(cause).__name__}", 1) from None
-    await nc.close()
+    try:
+        if jetstream:
+            await _check_jetstream(nc)
+    finally:
+        await nc.close()
+
+
+async def _check_jetstream(nc: Client) -> None:
+    """On the CLI's own connection, whose errors are quiet: a denied API is one line, not the broker's warning too."""
+    from stanchion.handlers.nats.preflight import jetstream_error
+
+    try:
+        await nc.jetstream().account_info()
+    except NatsError as exc:
+        raise _fail(f"configuration error: {jetstream_error(exc, nc, 'the account information')}") from None
 
 
 def _most_telling(errors: list[Exception]) -> Exception | None:
@@ -136,12 +156,14 @@ def run(
 ) -> None:
     """Run a service: consume, answer, publish results (logs on stderr; Ctrl-C or SIGTERM stops it gracefully).
 
-    With no NATS_URL an embedded nats-server is started first, and NATS_URL set for the app."""
+    With no NATS_URL an embedded nats-server is started first, and NATS_URL set for the app. A start-up failure
+    (a stream that another stream's subjects overlap, a server without JetStream, a denied JetStream API...) is
+    one line on stderr and exit code 2."""
     from stanchion.handlers.process import Process, import_app
 
     settings = _configure()
     if settings.nats_url:
-        asyncio.run(_check_nats(settings.nats_url, settings))
+        asyncio.run(_check_nats(settings.nats_url, settings, jetstream=True))
     try:
         process = Process.start(settings)
     except ConfigError as exc:
@@ -155,11 +177,28 @@ def run(
             app = import_app(target)
         process.serve(app)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(app.run())
+            asyncio.run(_serve(app))
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
+    except NatsError as exc:  # what FastStream's start-up raised beyond the checks (e.g. a stream not created)
+        raise _fail(f"NATS error: {str(exc).removeprefix('nats: ')}") from None
     finally:
         process.stop()
+
+
+async def _serve(app: FastStream) -> None:
+    """Run the app; a stanchion app's start-up checks first, so that a failure is the only line printed.
+
+    The app's own ``on_startup`` hook runs the same checks again (for ``faststream run`` and ``async with app``);
+    the broker's connection made here is the one FastStream starts on.
+    """
+    from stanchion.handlers.api import Stanchion
+    from stanchion.handlers.nats.preflight import check_streams
+
+    reliable = app.context.get("stanchion")
+    if isinstance(reliable, Stanchion):
+        await check_streams(reliable.broker, reliable.handlers)
+    await app.run()
 
 
 @cli.command()
@@ -167,8 +206,12 @@ def publish(
     subject: Annotated[str, typer.Argument(help="Subject to publish to, e.g. tasks.classify.")],
     payload: Annotated[str | None, typer.Argument(help="One JSON event.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="A JSON-lines file: one event per line.")] = None,
+    core: Annotated[
+        bool, typer.Option("--core", help="Plain NATS: publish without JetStream (no stream needs to store them).")
+    ] = False,
 ) -> None:
-    """Publish one event, or every line of a JSON-lines file, to NATS_URL."""
+    """Publish one event, or every line of a JSON-lines file, to NATS_URL, into the JetStream stream that stores the
+    subject (exit 1 when none does, unless --core)."""
     if (payload is None) == (file is None):
         raise _fail("give either a JSON payload or --file, not both or neither")
     settings = _configure()
@@ -180,7 +223,7 @@ def publish(
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
     try:
-        asyncio.run(_publish(settings, settings.nats_url, subject, lines))
+        asyncio.run(_publish(settings, settings.nats_url, subject, lines, core=core))
     finally:
         if telemetry is not None:
             telemetry.shutdown()
@@ -194,7 +237,7 @@ def _read_lines(file: Path | None) -> list[bytes]:
         raise _fail(f"cannot read {str(file)!r}: {exc.strerror}", 1) from None
 
 
-async def _publish(settings: Settings, url: str, subject: str, lines: list[bytes]) -> None:
+async def _publish(settings: Settings, url: str, subject: str, lines: list[bytes], *, core: bool = False) -> None:
     await _check_nats(url, settings)
     nc = await _connect(url, settings)
     js = nc.jetstream()
@@ -203,16 +246,41 @@ async def _publish(settings: Settings, url: str, subject: str, lines: list[bytes
         with Progress(console=err, transient=True, disable=len(lines) < 2) as progress:
             task = progress.add_task(f"publishing to {subject}", total=len(lines))
             for line in lines:
-                try:
-                    await publish_traced(js, subject, line)
+                if core:
+                    await nc.publish(subject, line)
+                else:
+                    await _store(nc, js, subject, line, stored, len(lines))
                     stored += 1
-                except NoStreamResponseError:
-                    await nc.publish(subject, line)  # no stream on that subject: plain NATS
                 progress.advance(task)
         await nc.flush()
     finally:
         await nc.close()
-    out.print(f"published {len(lines)} message(s) to {subject} ({stored} stored by JetStream)")
+    how = "core NATS, not stored" if core else f"{stored} stored by JetStream"
+    out.print(f"published {len(lines)} message(s) to {subject} ({how})")
+
+
+async def _store(nc: Client, js: JetStreamContext, subject: str, line: bytes, stored: int, total: int) -> None:
+    """Publish one event into the stream of ``subject``; exit 1 with one line when no stream stored it."""
+    from stanchion.handlers.nats.preflight import jetstream_error
+
+    stored_so_far = f"only {stored} of {total} stored" if stored else "nothing stored"
+    try:
+        await publish_traced(js, subject, line)
+        return
+    except NoStreamResponseError:
+        pass
+    except NatsError as exc:
+        raise _fail(f"{jetstream_error(exc, nc, f'to store on {subject}')}: {stored_so_far}", 1) from None
+    try:
+        await js.account_info()
+    except NatsError as exc:  # no JetStream on the server (or for the account), or the API denied
+        why = jetstream_error(exc, nc, "the account information")
+        raise _fail(f"{why}: {stored_so_far} (--core publishes with plain NATS)", 1) from None
+    raise _fail(
+        f"no stream stores {subject}: {stored_so_far} (start the service first, it creates its streams; "
+        "--core publishes with plain NATS)",
+        1,
+    )
 
 
 SAMPLES: list[tuple[str, str]] = [
@@ -242,7 +310,7 @@ def demo(
 ) -> None:
     """Start NATS (embedded unless NATS_URL is set) and the service, classify sample events, print each result."""
     from stanchion.handlers.classify.policy import resolve_policy
-    from stanchion.handlers.process import environment_secrets
+    from stanchion.handlers.runtime.redact import environment_secrets
 
     settings = _configure()
     try:

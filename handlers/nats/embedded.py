@@ -102,6 +102,9 @@ class EmbeddedNats:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # A session of its own: Ctrl-C in a terminal signals the whole foreground process group, and the
+                # server must outlive the service's drain (it is stopped by PID after the broker closed).
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -6,12 +6,16 @@ import asyncio
 import hashlib
 from collections.abc import Callable
 
+import structlog
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
 from stanchion.handlers.runtime.results import StoredResult
+
+log = structlog.get_logger("stanchion.results")
 
 _DIGEST_LENGTH = 64
 
@@ -63,6 +67,18 @@ class KeyValueResultStore:
         self._kv: KeyValue | None = None
         self._lock = asyncio.Lock()
 
+    async def _recreated(self) -> bool:
+        """After a request nobody answered: if the bucket is gone (deleted by an operator or a fault), create it
+        again and say so; ``False`` when it is there (the failure was something else)."""
+        try:
+            await self.js().key_value(self.bucket)
+            return False
+        except BucketNotFoundError:
+            self._kv = None
+            await self._bucket()
+            log.warning("recreated the missing result bucket", bucket=self.bucket)
+            return True
+
     async def _bucket(self) -> KeyValue:
         if self._kv is None:
             async with self._lock:
@@ -76,18 +92,30 @@ class KeyValueResultStore:
         return self._kv
 
     async def get(self, key: str) -> StoredResult | None:
-        kv = await self._bucket()
-        try:
-            entry = await kv.get(result_key(key))
-        except KeyNotFoundError:
-            return None
-        return decode_value(entry.value or b"")
+        for last_try in (False, True):
+            kv = await self._bucket()
+            try:
+                entry = await kv.get(result_key(key))
+            except KeyNotFoundError:
+                return None
+            except (NoRespondersError, NoStreamResponseError):
+                if last_try or not await self._recreated():
+                    raise
+                continue
+            return decode_value(entry.value or b"")
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def put(self, key: str, result: StoredResult) -> None:
-        kv = await self._bucket()
         hashed = result_key(key)
         if not result.published:
-            await kv.put(hashed, encode_value(result))
+            for last_try in (False, True):
+                kv = await self._bucket()
+                try:
+                    await kv.put(hashed, encode_value(result))
+                    return
+                except NoStreamResponseError:
+                    if last_try or not await self._recreated():
+                        raise
             return
         # The published mark without a confirmation round trip (a third of the store's cost per event): a plain
         # publish to the bucket's subject, sent on the connection that published the result, after it.

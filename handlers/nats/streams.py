@@ -9,6 +9,7 @@ import structlog
 from faststream.nats import JStream
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType
+from nats.js.errors import BadRequestError, NotFoundError
 
 from stanchion.handlers.settings import Settings
 
@@ -75,6 +76,23 @@ def consumer_config(settings: Settings) -> ConsumerConfig:
         ack_wait=settings.ack_wait_s,
         max_ack_pending=max_ack_pending(settings),
     )
+
+
+async def recreate_stream(js: JetStreamContext, stream: JStream) -> bool:
+    """Create ``stream`` again as it was declared when it is gone (deleted by an operator or a fault); ``True``
+    when it had to."""
+    try:
+        await js.stream_info(stream.name)
+        return False
+    except NotFoundError:
+        pass
+    # FastStream keeps a declared stream's subjects beside its config (``JStream.subjects``), not in it.
+    config = dataclasses.replace(stream.config, subjects=list(stream.subjects))
+    try:
+        await js.add_stream(config=config)
+    except BadRequestError:  # created again meanwhile, with another configuration: bring it back to ours
+        await js.update_stream(config=config)
+    return True
 
 
 async def reconcile_consumer(js: JetStreamContext, settings: Settings) -> None:

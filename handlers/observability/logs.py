@@ -70,6 +70,18 @@ def redactor_processor(redact: Redactor) -> Any:
     return redact_event
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def escape_controls(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Control characters in string fields as escapes (``\\x00``): a console line must not carry raw NULs or
+    terminal escape sequences from an event. (JSON lines escape them already.)"""
+    for key, value in event.items():
+        if isinstance(value, str) and _CONTROL.search(value) is not None:
+            event[key] = _CONTROL.sub(lambda m: ascii(m.group())[1:-1], value)
+    return event
+
+
 class LlmCallLog:
     """One ``llm_call_completed`` line per model call (an ``AttemptRecorder``)."""
 
@@ -120,6 +132,7 @@ def configure_logging(
     renderer: Any = (
         structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
+    console_only: list[Any] = [] if fmt == "json" else [escape_controls]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         add_trace_context,
@@ -127,6 +140,7 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso"),
         structlog.processors.format_exc_info,
         redact_event,
+        *console_only,
     ]
     structlog.configure(
         processors=[*shared, renderer],

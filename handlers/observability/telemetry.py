@@ -11,17 +11,25 @@ The SDK reads the other standard variables itself: ``OTEL_TRACES_SAMPLER``/``_AR
 Exemplars are off unless ``OTEL_METRICS_EXEMPLAR_FILTER`` asks for them. Export runs on background threads
 with bounded queues: a collector that is down costs dropped spans, never a blocked or failed handler.
 Without an endpoint nothing is configured and nothing is paid.
+
+Spans leave through ``RedactingSpanExporter``: a known secret (the settings' and every ``*_API_KEY``, ``*_TOKEN``,
+``*_PASSWORD``, ``*_SECRET`` variable's value) or a key-shaped string in a span's name, attributes, events, links
+or status — pydantic-ai's ``chat`` spans carry a provider's error text, which may quote the key — is exported as
+``***``.
 """
 
 from __future__ import annotations
 
+import operator
 import os
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import structlog
 from faststream import BaseMiddleware
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.opentelemetry.baggage import Baggage
@@ -29,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.propagate import inject
@@ -41,13 +50,15 @@ from opentelemetry.sdk.metrics import (
 )
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.util import BoundedList
 from opentelemetry.semconv.trace import SpanAttributes
-from opentelemetry.trace import SpanKind
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.trace import Link, SpanKind, Status
+from opentelemetry.util.types import AnyValue, Attributes, AttributeValue
 
 from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.runtime.redact import Redactor, environment_secrets
 from stanchion.handlers.settings import Settings
 
 SHUTDOWN_TIMEOUT_MS = 5000
@@ -69,6 +80,158 @@ class Telemetry:
         self.tracer_provider.force_flush(SHUTDOWN_TIMEOUT_MS)
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown(SHUTDOWN_TIMEOUT_MS)
+
+
+log = structlog.get_logger("stanchion.telemetry")
+
+
+class _Masking:
+    """One span's pass through the redactor, counting the values it changed."""
+
+    __slots__ = ("count", "redact")
+
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        self.redact = redact
+        self.count = 0
+
+    def text(self, text: str) -> str:
+        """``text`` masked: ``text`` itself when nothing in it is."""
+        redacted = self.redact(text)
+        if redacted is text or redacted == text:
+            return text
+        self.count += 1
+        return redacted
+
+    def value(self, value: AnyValue) -> AnyValue:
+        """``value`` with every string in it masked: ``value`` itself when nothing in it is."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return self.mapping(value)
+        if isinstance(value, Sequence) and not isinstance(value, bytes):
+            items = tuple(self.value(item) for item in value)
+            return value if all(map(operator.is_, items, value)) else items
+        return value
+
+    def mapping(self, attributes: Mapping[str, AnyValue]) -> Mapping[str, AnyValue]:
+        """``attributes`` with their values masked: ``attributes`` itself when nothing in them is."""
+        masked: dict[str, AnyValue] | None = None  # copied on the first change only: most spans have none
+        for key, value in attributes.items():
+            redacted = self.value(value)
+            if redacted is not value:
+                if masked is None:
+                    masked = dict(attributes)
+                masked[key] = redacted
+        return attributes if masked is None else masked
+
+
+def _bounded(attributes: Attributes, dropped: int) -> BoundedAttributes:
+    # The exporter sends how many attributes the SDK dropped, which only BoundedAttributes carries.
+    bounded = BoundedAttributes(attributes=attributes, immutable=True)
+    bounded.dropped = dropped
+    return bounded
+
+
+class RedactingSpanExporter(SpanExporter):
+    """A span exporter masking secrets in every span before handing it to ``inner`` (e.g. the OTLP exporter).
+
+    ``redact`` (a ``Redactor``) is applied to the span's name, to every string in its attributes (inside
+    sequences and mappings too), to its events' names and attributes, its links' attributes and its status
+    description. A span with a masked value is exported as a new ``ReadableSpan`` carrying the masked values and
+    everything else unchanged; a span with nothing to mask is passed as it is. Each masked value adds one to the
+    ``stanchion.secrets.masked`` counter (``where="span"``); the first masked span logs one warning.
+    """
+
+    def __init__(
+        self,
+        inner: SpanExporter,
+        redact: Callable[[str], str],
+        *,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> None:
+        """``meter_provider``: where the counter lives (default: the global one, also when installed later)."""
+        self.inner = inner
+        self.redact = redact
+        self.masked = metrics.get_meter("stanchion", meter_provider=meter_provider).create_counter(
+            "stanchion.secrets.masked", description="Secrets masked before leaving the process."
+        )
+        self._warned = False
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Export ``spans`` through ``inner``, each masked."""
+        return self.inner.export([self.masked_span(span) for span in spans])
+
+    def shutdown(self) -> None:
+        """Shut ``inner`` down."""
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Flush ``inner``."""
+        return self.inner.force_flush(timeout_millis)
+
+    def masked_span(self, span: ReadableSpan) -> ReadableSpan:
+        """``span`` with every secret in it masked: ``span`` itself when it holds none."""
+        masking = _Masking(self.redact)
+        name = masking.text(span.name)
+        attributes = masking.mapping(span.attributes or {})
+        events = [self._event(masking, event) for event in span.events]
+        links = [self._link(masking, link) for link in span.links]
+        status = span.status
+        if status.description:
+            description = masking.text(status.description)
+            if description is not status.description:
+                status = Status(status.status_code, description)
+        if not masking.count:
+            return span
+        self.masked.add(masking.count, {"where": "span"})
+        with self._lock:
+            warn, self._warned = not self._warned, True
+        if warn:
+            log.warning("secret_masked", where="span", span=name, note="later spans are masked without a line")
+        # Likewise the counts of dropped events and links, which BoundedList carries.
+        bounded_events = BoundedList[Event].from_seq(None, events)
+        bounded_events.dropped = span.dropped_events
+        bounded_links = BoundedList[Link].from_seq(None, links)
+        bounded_links.dropped = span.dropped_links
+        return ReadableSpan(
+            name=name,
+            context=span.get_span_context(),
+            parent=span.parent,
+            resource=span.resource,
+            attributes=_bounded(attributes, span.dropped_attributes),
+            events=bounded_events,
+            links=bounded_links,
+            kind=span.kind,
+            status=status,
+            start_time=span.start_time,
+            end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )
+
+    @staticmethod
+    def _event(masking: _Masking, event: Event) -> Event:
+        before = masking.count
+        name = masking.text(event.name)
+        attributes = event.attributes
+        if attributes:
+            masked = masking.mapping(attributes)
+            if masked is not attributes:
+                attributes = _bounded(masked, event.dropped_attributes)
+        return Event(name, attributes, event.timestamp) if masking.count != before else event
+
+    @staticmethod
+    def _link(masking: _Masking, link: Link) -> Link:
+        if not link.attributes:
+            return link
+        masked = masking.mapping(link.attributes)
+        return link if masked is link.attributes else Link(link.context, _bounded(masked, link.dropped_attributes))
+
+
+def secrets_redactor(settings: Settings, environ: Iterable[tuple[str, str]] | None = None) -> Redactor:
+    """A redactor of the settings' secrets and of every secret-named environment variable's value."""
+    named = environment_secrets(environ)
+    return Redactor([*settings.secrets(), *named])
 
 
 _configured: Telemetry | None = None
@@ -100,7 +263,8 @@ def configure_telemetry(settings: Settings) -> Telemetry | None:
     tracer_provider = TracerProvider(resource=resource)  # sampler from OTEL_TRACES_SAMPLER
     # OTEL_{TRACES,METRICS}_EXPORTER=none turns one signal off (e.g. metrics, for a traces-only backend).
     if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none":
-        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint)))
+        exporter = RedactingSpanExporter(OTLPSpanExporter(endpoint=traces_endpoint), secrets_redactor(settings))
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
     readers = (
         []
         if os.environ.get("OTEL_METRICS_EXPORTER", "otlp").strip().lower() == "none"

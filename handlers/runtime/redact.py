@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 
 _KEY_LIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{8,})")
 _KEY_PREFIXES = ("sk-", "Bearer")  # every match of _KEY_LIKE contains one of these
+
+
+SECRET_SUFFIXES = ("_API_KEY", "_TOKEN", "_PASSWORD", "_SECRET")
+
+
+def environment_secrets(environ: Iterable[tuple[str, str]] | None = None) -> list[str]:
+    """Values of every variable whose name says it is a secret (``*_API_KEY``, ``*_TOKEN``...), for redaction."""
+    items = environ if environ is not None else os.environ.items()
+    return [value for name, value in items if name.upper().endswith(SECRET_SUFFIXES) and value]
 
 
 class Redactor:

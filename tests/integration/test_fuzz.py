@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from stanchion.contracts import DeadLetter, TaskEvent
 from stanchion.handlers.nats.embedded import EmbeddedNats
 from stanchion.handlers.runtime.dead_letters import MAX_DEAD_PAYLOAD
+from stanchion.handlers.runtime.decode import id_problem
 from tests.conftest import RunningService, policy_for, running_service
 from tests.fake_openai import FakeOpenAI
 
@@ -77,10 +78,12 @@ def _unredacted(data: bytes) -> bool:
 
 
 def _schema(raws: st.SearchStrategy[Any]) -> st.SearchStrategy[Poison]:
-    """JSON the contract refuses, serialised as ASCII or as raw UTF-8; the dead letter keeps a readable string id."""
+    """JSON the contract refuses, serialised as ASCII or as raw UTF-8; the dead letter keeps a usable string id."""
 
     def poison(raw: Any, ascii: bool) -> Poison:
         event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
+        if id_problem(event_id) is not None:
+            event_id = None  # an id that cannot travel (control characters, lone surrogates) is not kept
         return Poison(json.dumps(raw, ensure_ascii=ascii).encode(), "poison.schema", event_id)
 
     return st.builds(poison, raws, st.booleans())

@@ -5,13 +5,16 @@ A fake message records what the loop did to it; the publishers are plain functio
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from faststream.nats import NatsBroker
+from nats.js.errors import NoStreamResponseError
 
 from stanchion.contracts import TaskClassification, TaskEvent
 from stanchion.handlers.api import Stanchion
@@ -120,27 +123,71 @@ async def test_a_transient_failure_is_nacked_with_the_backoff_of_its_delivery() 
     assert msg.done == [("nack", 10.0)]
 
 
-async def test_a_publish_jetstream_did_not_confirm_is_nacked_with_the_same_backoff() -> None:
-    """The handler itself failed (no confirmation): nak with the redelivery policy's delay, nothing acked."""
-    msg = FakeMessage()
-    await loop(Answering(), Published(failures=1), Published(), FakeClock())(msg, EVENT, 1, "tasks.classify")
-    assert msg.done == [("nack", 2.0)]
-
-
-async def test_on_the_last_delivery_publishing_is_retried_on_the_clock_until_it_lands() -> None:
-    """Last delivery: a failing publish is retried (sleeping on the injected clock), then acked."""
-    clock, results, msg = FakeClock(), Published(failures=2), FakeMessage()
-    await loop(Answering(), results, Published(), clock)(msg, EVENT, 3, "tasks.classify")
+async def test_a_publish_the_stream_did_not_confirm_is_tried_again_and_spends_no_delivery() -> None:
+    """The output stream not confirming (gone, or the server away): the message is held and the publish tried
+    again on the clock until it lands, then acked — never nak'ed, which would spend a delivery."""
+    clock, results, msg = FakeClock(), Published(failures=3), FakeMessage()
+    await loop(Answering(), results, Published(), clock)(msg, EVENT, 1, "tasks.classify")
     assert len(results.bodies) == 1 and msg.done == [("ack", None)]
-    assert clock.now() >= 0.5 + 1.0  # two waits, 0.5 s and 1 s, slept on the fake clock
+    assert clock.sleeps == pytest.approx([0.2, 0.4, 0.6])
 
 
-async def test_an_answer_that_cannot_be_published_on_the_last_delivery_stays_unacked() -> None:
-    """An answer the output stream never confirms is neither acked nor dead-lettered: it stays for redelivery."""
-    dead, msg = Published(), FakeMessage()
-    await loop(Answering(), Published(failures=99), dead, FakeClock())(msg, EVENT, 3, "tasks.classify")
-    # The answer could not be published: its outcome stays unpublished and the message unacked for redelivery.
-    assert msg.done == [] and dead.bodies == []
+async def test_a_missing_output_stream_is_recreated_before_the_publish_is_tried_again() -> None:
+    """``NoStreamResponseError`` (nobody stores the subject): the loop asks for the stream to be recreated."""
+    repaired: list[str] = []
+
+    class Gone(Published):
+        async def __call__(self, body: bytes, headers: Mapping[str, str]) -> None:
+            if not repaired:
+                raise NoStreamResponseError
+            await super().__call__(body, headers)
+
+    async def repair(kind: str) -> None:
+        repaired.append(kind)
+
+    handler_loop = loop(Answering(), results := Gone(), Published(), FakeClock())
+    handler_loop.repair = repair
+    msg = FakeMessage()
+    await handler_loop(msg, EVENT, 1, "tasks.classify")
+    assert repaired == ["results"] and len(results.bodies) == 1 and msg.done == [("ack", None)]
+
+
+async def test_a_publish_that_never_lands_is_handed_back_at_shutdown() -> None:
+    """Held for a publish that never succeeds, the message is nak'ed when shutdown begins — not acked, not lost."""
+    clock, msg = FakeClock(), FakeMessage()
+    handler_loop = loop(Answering(), Published(failures=10**9), Published(), clock)
+    task = asyncio.create_task(handler_loop(msg, EVENT, 3, "tasks.classify"))
+    while len(clock.sleeps) < 5:
+        await asyncio.sleep(0)
+    handler_loop.stop(grace_s=0.0)
+    await asyncio.wait_for(task, 5)
+    assert ("ack", None) not in msg.done and msg.done[-1] == ("nack", 2.0)
+
+
+async def test_at_shutdown_waiting_messages_are_handed_back_at_once_and_work_in_flight_before_the_grace_ends() -> None:
+    """With every slot busy, a waiting message is nak'ed as soon as shutdown begins; the one in flight is
+    cancelled and nak'ed shortly before the grace period ends; nothing is left unacked and unanswered."""
+    release = asyncio.Event()
+
+    class Slow(Answering):
+        async def __call__(self, call: Call) -> TaskClassification:
+            await release.wait()
+            return await super().__call__(call)
+
+    handler_loop = MessageLoop(
+        runtime(Slow(), FakeClock()), Published(), Published(), ack_wait_s=30.0, max_pause_s=5.0, max_in_flight=1
+    )
+    busy, waiting = FakeMessage(), FakeMessage()
+    first = asyncio.create_task(handler_loop(busy, EVENT, 1, "tasks.classify"))
+    second = asyncio.create_task(handler_loop(waiting, json.dumps({"id": "e-2", "text": "x"}).encode(), 1, "t"))
+    await asyncio.sleep(0.05)
+    assert busy.done == [] and waiting.done == []
+    handler_loop.stop(grace_s=0.5)
+    await asyncio.wait_for(second, 1)
+    assert waiting.done == [("nack", 2.0)]
+    await asyncio.wait_for(first, 2)
+    assert busy.done == [("nack", 2.0)]
+    assert handler_loop.runtime.stats.models["primary"].errors == {"cancelled": 1}
 
 
 class BrokenStore(InMemoryResultStore):

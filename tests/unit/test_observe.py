@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -13,7 +14,7 @@ from opentelemetry.trace import StatusCode
 from tenacity import stop_after_attempt, wait_fixed
 
 from stanchion.contracts import Usage
-from stanchion.handlers.observability.logs import QuietPullTimeouts
+from stanchion.handlers.observability.logs import QuietPullTimeouts, escape_controls
 from stanchion.middleware import (
     AttemptRecord,
     Call,
@@ -87,6 +88,27 @@ async def test_each_model_call_is_one_record_with_its_own_usage_latency_and_outc
     assert records.records[2].error is None
 
 
+async def test_a_cancelled_call_is_recorded_as_cancelled_not_ok() -> None:
+    """Shutdown cancelling a model call mid-flight: its record says ``cancelled``, and the cancellation goes on."""
+    records = Records()
+    started = asyncio.Event()
+
+    async def terminal(call: Call) -> str:
+        started.set()
+        await asyncio.sleep(60)
+        return "never"
+
+    call = Call(event=None)
+    call.candidate = Candidate("fast")
+    task = asyncio.create_task(Observe(recorders=[records])(call, terminal))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [record] = records.records
+    assert (record.candidate, record.outcome) == ("fast", "cancelled")
+
+
 async def test_a_rejected_call_is_no_model_call() -> None:
     """With the breaker open, the candidate is never called, and nothing is recorded for it."""
     clock = FakeClock()
@@ -149,3 +171,10 @@ def test_an_empty_pull_is_not_logged_as_an_error() -> None:
     quiet = QuietPullTimeouts()
     assert not quiet.filter(record(TimeoutError()))
     assert quiet.filter(record(RuntimeError("real failure")))
+
+
+def test_control_characters_are_escaped_in_console_log_lines() -> None:
+    """A NUL or an escape sequence from an event reaches the console as text, not as raw bytes."""
+    event = escape_controls(None, "info", {"event": "poison message", "reason": "id nul\x00 and \x1b[31m red"})
+    assert event["reason"] == "id nul\\x00 and \\x1b[31m red"
+    assert escape_controls(None, "info", {"reason": "line\tand\nnewline"})["reason"] == "line\tand\nnewline"
