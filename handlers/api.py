@@ -6,6 +6,7 @@ Each handler is generic over its event type (any pydantic model) and its output 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import re
@@ -31,7 +32,7 @@ from stanchion.handlers.models.providers import build_candidates, close_models
 from stanchion.handlers.models.stack import build_stack
 from stanchion.handlers.models.terminal import AgentTerminal
 from stanchion.handlers.nats.broker import delivery_count, raw_body
-from stanchion.handlers.nats.loop import HAND_BACK_DELAY_S, PULL_TIMEOUT_S, MessageLoop
+from stanchion.handlers.nats.loop import DRAIN_WAIT_S, HAND_BACK_DELAY_S, PULL_TIMEOUT_S, MessageLoop
 from stanchion.handlers.nats.results import KeyValueResultStore
 from stanchion.handlers.nats.streams import (
     consumer_config,
@@ -557,6 +558,13 @@ class Stanchion:
         """Shutdown began (before the broker stops): every handler hands back what it holds; stats withdrawn."""
         for handler in self.handlers.values():
             handler.loop.stop(handler.settings.shutdown_grace_s)
+        if self.handlers:
+            # FastStream drops the messages a fetch returns once its subscriber stopped (``consume`` returns when not
+            # running), and the broker stops its subscribers right after this hook. Let the fetch in progress return
+            # while they still consume: what it brings is handed back by the loops (their settling is held meanwhile,
+            # so the server has no free slot to deliver into the next one).
+            grace = min(h.settings.shutdown_grace_s for h in self.handlers.values())
+            await asyncio.sleep(min(DRAIN_WAIT_S, grace * 0.3))
         for service in self._stats_services:
             try:
                 await service.stop()

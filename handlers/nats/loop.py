@@ -25,6 +25,10 @@ log = structlog.get_logger("stanchion.app")
 MIN_PAUSE_S = 0.2
 PULL_TIMEOUT_S = 1.0
 """How long one pull request of the subscriber waits (and lives on the server)."""
+SETTLE_HOLD_S = 2 * PULL_TIMEOUT_S + 0.5
+"""At shutdown, how long settling waits: the fetch running when shutdown began, and the one after it, expire."""
+DRAIN_WAIT_S = PULL_TIMEOUT_S + 0.2
+"""At shutdown, how long the subscriber keeps consuming: FastStream drops what a fetch returns once it stopped."""
 HAND_BACK_DELAY_S = 2.0
 """Delay of a nak at shutdown: longer than a pull (1 s), so that the stopping process's last fetch does not take the
 message again only to drop it when its subscriber stops; a restarted (or another) replica gets it then."""
@@ -169,7 +173,7 @@ class MessageLoop:
             return
         self.stopping = True
         # Settle nothing until the last pull request expired (see _hold), within the first half of the grace.
-        self._release_at = self.clock.now() + min(PULL_TIMEOUT_S + 0.5, grace_s / 2)
+        self._release_at = self.clock.now() + min(SETTLE_HOLD_S, grace_s / 2)
         log.info("stopping: handing back what is held", waiting=self.waiting, in_flight=len(self._work))
         if self._stopped is not None:
             self._stopped.set()

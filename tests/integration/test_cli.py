@@ -56,6 +56,7 @@ def test_demo_answers_every_sample_with_the_heuristic_and_leaves_no_server(tmp_p
     assert len(rows) == 10
     assert all("heuristic" in row and "true" in row for row in rows)
     assert "10/10 answered" in proc.stdout
+    assert "Traceback" not in proc.stderr and "[error" not in proc.stderr, proc.stderr  # no fault was injected
     assert processes_mentioning(str(store)) == []
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nats
+import pytest
 
 from stanchion.handlers.nats.embedded import EmbeddedNats
 from tests.conftest import (
@@ -26,14 +27,17 @@ from tests.fake_openai import FakeOpenAI
 from tests.integration.test_chaos import publish_all
 
 
+@pytest.mark.parametrize("ack_wait", [None, "60"], ids=["default-settings", "ack-wait-60s"])
 async def test_sigterm_hands_back_in_flight_and_prefetched_events_and_a_restart_answers_them_at_once(
-    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path, ack_wait: str | None
 ) -> None:
-    """Default settings, a provider answering in 2 s, 50 events, SIGTERM 3 s later (16 in flight, 8 waiting):
-    the restarted service (fast provider) answers all 50 within 15 s, 0 lost, 0 duplicates, no traceback."""
+    """A provider answering in 2 s, 50 events, SIGTERM 3 s later (16 in flight, 8 waiting or still in a fetch):
+    the restarted service (fast provider) answers all 50 within 15 s, 0 lost, 0 duplicates, no traceback. With an
+    ack wait of 60 s, nothing can come back by its expiry: everything was handed back."""
     provider = fake_openai(latency_s=2.0)
     settings = unique_settings(nats_server.url)
-    env = service_env(settings, OPENAI_API_KEY="sk-test-shutdown", OPENAI_BASE_URL=provider.base_url)
+    extra = {"STANCHION_ACK_WAIT_S": ack_wait} if ack_wait else {}
+    env = service_env(settings, OPENAI_API_KEY="sk-test-shutdown", OPENAI_BASE_URL=provider.base_url, **extra)
     ids = [f"down-{i}" for i in range(50)]
     client = await nats.connect(nats_server.url)
     collector = Collector()
