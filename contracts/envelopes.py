@@ -88,5 +88,7 @@ class DeadLetter(BaseModel):
     attempts: int = 0
     deliveries: int = 1
     errors: list[str] = Field(default_factory=list, description="Every cause, one line each.")
+    usage: Usage = Field(default_factory=Usage, description="Tokens spent on the event, every attempt, failed or not.")
+    cost_usd: float | None = Field(default=None, description="What those tokens cost; null when the price is unknown.")
     trace_id: str | None = None
     dead_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -32,6 +32,7 @@ from pydantic_ai.models.wrapper import WrapperModel
 from pydantic_ai.output import OutputSpec
 from pydantic_ai.run import AgentRunResult
 from pydantic_ai.settings import ModelSettings
+from pydantic_ai.usage import RunUsage
 
 from stanchion.contracts import Usage
 from stanchion.handlers.models.adapter import (
@@ -249,7 +250,7 @@ class AgentTerminal(Generic[EventT, OutputT]):
         if plan is None:
             self.agent_runs += 1
             deps = self.deps(event) if self.deps is not None else None
-            return self._record(call, target, await self._run(self.agent, text, target.model, target, deps))
+            return await self._counted(call, target, self.agent, text, target.model, deps)
         self.fast_requests += 1
         model = plan.model(self._instrumentation())
         request = ModelRequest(parts=[UserPromptPart(text)], instructions=plan.instructions)
@@ -260,37 +261,55 @@ class AgentTerminal(Generic[EventT, OutputT]):
         if output is None:
             twin = self._twin
             assert twin is not None
-            return self._record(call, target, await self._run(twin, text, _ReplayFirst(model, response), target))
+            return await self._counted(call, target, twin, text, _ReplayFirst(model, response))
         usage = Usage(input_tokens=response.usage.input_tokens, output_tokens=response.usage.output_tokens, requests=1)
         cost = response.usage.cost
         call.add_usage(usage, target.cost(usage, float(cost) if cost is not None else None))
         return output
 
+    async def _counted(
+        self,
+        call: Call,
+        target: ModelTarget[OutputT],
+        agent: Agent[Any, Any],
+        text: str,
+        model: Model,
+        deps: Any = None,
+    ) -> OutputT:
+        """``agent.run``, with the tokens and cost of every response it received added to the call — also when the
+        run fails (e.g. output still invalid after its retries): those requests were paid for too."""
+        run_usage = RunUsage()  # pydantic-ai adds to the usage it is given as the run goes, whatever its end
+        try:
+            result = await self._run(agent, text, model, target, deps, run_usage)
+        finally:
+            usage = Usage(
+                input_tokens=run_usage.input_tokens,
+                output_tokens=run_usage.output_tokens,
+                requests=run_usage.requests,
+            )
+            if usage.requests:
+                reported = float(run_usage.cost) if run_usage.cost is not None else None
+                call.add_usage(usage, target.cost(usage, reported))
+        return result.output
+
     @staticmethod
     async def _run(
-        agent: Agent[Any, Any], text: str, model: Model, target: ModelTarget[OutputT], deps: Any = None
+        agent: Agent[Any, Any],
+        text: str,
+        model: Model,
+        target: ModelTarget[OutputT],
+        deps: Any = None,
+        usage: RunUsage | None = None,
     ) -> AgentRunResult[OutputT]:
         retries: AgentRetries = {"output": target.output_retries}
         if has_output_validators(agent):
             # pydantic-ai refuses another output spec than the agent's own when it has validators: its own mode.
-            own: AgentRunResult[OutputT] = await agent.run(text, model=model, retries=retries, deps=deps)
+            own: AgentRunResult[OutputT] = await agent.run(text, model=model, retries=retries, deps=deps, usage=usage)
             return own
         result: AgentRunResult[OutputT] = await agent.run(
-            text, model=model, output_type=target.output, retries=retries, deps=deps
+            text, model=model, output_type=target.output, retries=retries, deps=deps, usage=usage
         )
         return result
-
-    @staticmethod
-    def _record(call: Call, target: ModelTarget[OutputT], result: AgentRunResult[OutputT]) -> OutputT:
-        run_usage = result.usage
-        usage = Usage(
-            input_tokens=run_usage.input_tokens,
-            output_tokens=run_usage.output_tokens,
-            requests=run_usage.requests,
-        )
-        reported = float(run_usage.cost) if run_usage.cost is not None else None
-        call.add_usage(usage, target.cost(usage, reported))
-        return result.output
 
     def _instrumentation(self) -> InstrumentationSettings | None:
         """The settings ``agent.run`` would instrument with (``agent.instrument``, else ``Agent.instrument_all``)."""

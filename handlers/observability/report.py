@@ -184,6 +184,7 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
     dead = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.dead_letters.items())) or "0"
     breakers = ", ".join(f"{name} {state}" for name, state in sorted(stats.breakers.items())) or "all closed"
     cost = stats.cost_usd
+    failed = f", of which {_usd(stats.failed_cost_usd)} on failed calls" if stats.failed_cost_usd else ""
     budget = (
         f"{_usd(cost)} of {_usd(budget_usd)} budget ({100 * cost / budget_usd:.1f}%)"
         if budget_usd
@@ -205,7 +206,7 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         f"p99 {_ms(latency.percentile(0.99))} ms",
         f"retries {stats.retries}; fallbacks {stats.fallbacks}, in {stats.fell_back} events "
         f"(fallback rate {_pct(stats.fell_back, stats.events)}); breakers: {breakers}",
-        f"cost: {budget}",
+        f"cost: {budget}{failed}",
     ]
     return Group(table, *lines)
 

@@ -78,6 +78,10 @@ class ModelStats:
     output_tokens: int = 0
     cost_usd: float = 0.0
     priced_calls: int = 0
+    failed_input_tokens: int = 0
+    """Tokens of calls that failed (e.g. output still invalid after its retries): spent all the same."""
+    failed_output_tokens: int = 0
+    failed_cost_usd: float = 0.0
 
     def merge(self, other: ModelStats) -> None:
         self.model = self.model or other.model
@@ -89,6 +93,9 @@ class ModelStats:
         self.output_tokens += other.output_tokens
         self.cost_usd += other.cost_usd
         self.priced_calls += other.priced_calls
+        self.failed_input_tokens += other.failed_input_tokens
+        self.failed_output_tokens += other.failed_output_tokens
+        self.failed_cost_usd += other.failed_cost_usd
 
 
 @dataclass
@@ -157,6 +164,10 @@ class ServiceStats:
         if record.cost_usd is not None:
             stats.cost_usd += record.cost_usd
             stats.priced_calls += 1
+        if record.outcome != "ok":
+            stats.failed_input_tokens += record.usage.input_tokens
+            stats.failed_output_tokens += record.usage.output_tokens
+            stats.failed_cost_usd += record.cost_usd or 0.0
 
     def event_finished(
         self,
@@ -203,6 +214,11 @@ class ServiceStats:
     @property
     def cost_usd(self) -> float:
         return sum(m.cost_usd for m in self.models.values())
+
+    @property
+    def failed_cost_usd(self) -> float:
+        """The part of ``cost_usd`` spent on calls that failed."""
+        return sum(m.failed_cost_usd for m in self.models.values())
 
     def merge(self, other: ServiceStats) -> None:
         """Add another replica's figures (breaker states are per replica: the worst one is kept)."""

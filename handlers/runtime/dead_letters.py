@@ -6,7 +6,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from stanchion.contracts import DeadLetter
+from stanchion.contracts import DeadLetter, Usage
 
 MAX_DEAD_PAYLOAD = 16 * 1024
 
@@ -46,6 +46,8 @@ class DeadLetters:
         attempts: int = 0,
         errors: list[str] | None = None,
         trace_id: str | None = None,
+        usage: Usage | None = None,
+        cost_usd: float | None = None,
     ) -> DeadLetter:
         kept = data[:MAX_DEAD_PAYLOAD]
         redacted = False
@@ -74,5 +76,7 @@ class DeadLetters:
             attempts=attempts,
             deliveries=delivery,
             errors=[printable(self.redact(e)) for e in errors or []],
+            usage=usage or Usage(),
+            cost_usd=cost_usd,
             trace_id=trace_id,
         )

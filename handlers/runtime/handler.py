@@ -253,6 +253,8 @@ class HandlerRuntime(Generic[EventT, OutputT]):
                 attempts=call.attempts,
                 errors=[problems],
                 trace_id=call.trace_id,
+                usage=call.usage,
+                cost_usd=call.cost_usd,
             )
         )
 
@@ -342,5 +344,7 @@ class HandlerRuntime(Generic[EventT, OutputT]):
                 attempts=call.attempts,
                 errors=[describe(c) for c in causes],
                 trace_id=call.trace_id,
+                usage=call.usage,
+                cost_usd=call.cost_usd,
             )
         )

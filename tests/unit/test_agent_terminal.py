@@ -208,6 +208,19 @@ async def test_exhausted_output_retries_raise_unexpected_model_behavior(mode: Ou
     assert call.attempts == 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_tokens_and_cost_of_a_run_that_fails_are_counted(mode: OutputMode) -> None:
+    """Output still invalid after its retries: the run fails, but both requests' tokens and cost are on the call
+    (they were paid for), as ``agent.run`` itself counts them."""
+    scripted = Scripted(BAD)
+    call = make_call(target(scripted.model, mode, retries=1, price_input_per_mtok=2.0, price_output_per_mtok=10.0))
+    with pytest.raises(UnexpectedModelBehavior):
+        await classifier_terminal()(call)
+    assert call.usage.requests == 2 == len(scripted.seen)
+    assert call.usage.input_tokens == 51 + 52 and call.usage.output_tokens == 40
+    assert call.cost_usd == pytest.approx(((51 + 52) * 2.0 + 40 * 10.0) / 1_000_000)
+
+
 async def test_policy_prices_apply_to_the_fast_path() -> None:
     """With prices in the policy, the cost is computed from the tokens of the request."""
     call = await fast(target(Scripted(GOOD).model, price_input_per_mtok=2.0, price_output_per_mtok=10.0))

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from faststream.nats import NatsBroker
 from pydantic import BaseModel, Field
 from pydantic_ai import Agent
 
-from stanchion.contracts import TaskClassification, TaskEvent
+from stanchion.contracts import TaskClassification, TaskEvent, Usage
 from stanchion.handlers.api import Stanchion
 from stanchion.handlers.classify.app import declare
 from stanchion.handlers.policy import Policy
@@ -23,7 +24,7 @@ from stanchion.handlers.runtime.redact import Redactor
 from stanchion.handlers.runtime.results import InMemoryResultStore
 from stanchion.handlers.settings import Settings
 from stanchion.middleware import Call, Candidate, FakeClock, Terminal
-from tests.unit.fakes import rate_limited, server_error
+from tests.unit.fakes import rate_limited, server_error, unauthorized
 
 ANSWER = TaskClassification(category="bug", priority=4, confidence=0.9, summary="it crashes")
 POLICY = Policy.model_validate(
@@ -243,3 +244,18 @@ async def test_an_answer_that_masked_is_no_longer_valid_is_dead_lettered_never_p
     assert outcome.dead.error_type == "secret_in_output" and "not a valid Token" in outcome.dead.reason
     assert secret not in outcome.dead.model_dump_json()
     assert await ask.runtime.results.get(ask.runtime.key("e-1")) is None
+
+
+async def test_a_dead_letter_carries_the_tokens_and_cost_spent_on_the_event() -> None:
+    """Every attempt was paid for: a dead letter says how many tokens (and dollars) the event cost before it failed."""
+
+    class Paid(TerminalStub):
+        async def __call__(self, call: Call) -> TaskClassification:
+            call.attempts += 1
+            call.add_usage(Usage(input_tokens=120, output_tokens=30, requests=2), 0.0004)
+            raise unauthorized()
+
+    outcome = await make_service(Paid(), FakeClock()).handle(event(), subject="tasks.classify")
+    assert isinstance(outcome, DeadLettered) and outcome.dead.error_type == "failed"
+    assert outcome.dead.usage == Usage(input_tokens=120, output_tokens=30, requests=2)
+    assert outcome.dead.cost_usd == pytest.approx(0.0004)

@@ -135,3 +135,31 @@ def test_otlp_header_values_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20collector-token-xyz,x-team=abc123")
     secrets = Settings(nats_url="nats://127.0.0.1:1").secrets()
     assert "collector-token-xyz" in secrets and "Bearer collector-token-xyz" in secrets and "abc123" in secrets
+
+
+def test_the_tokens_and_cost_of_failed_calls_are_counted_and_shown_beside_the_total() -> None:
+    """A call that failed after a response (invalid output) cost tokens: they count in the totals, and the report
+    says how much of the cost went on failed calls; replicas merge it."""
+    stats = ServiceStats(replica="a", started_at=1.0)
+    call = Call(event=None)
+    stats.attempt_finished(call, record("fast", "ok", 0.2, cost=0.001))
+    invalid = AttemptRecord(
+        candidate="fast",
+        model="openai:fast",
+        route="default",
+        attempt=1,
+        delivery=1,
+        outcome="permanent",
+        latency_s=0.5,
+        usage=Usage(input_tokens=300, output_tokens=60, requests=2),
+        cost_usd=0.003,
+    )
+    stats.attempt_finished(call, invalid)
+    wire = ServiceStats.from_dict(json.loads(json.dumps(stats.to_dict())))
+    total = combine([wire, ServiceStats.from_dict(stats.to_dict())])
+    fast = total.models["fast"]
+    assert (fast.input_tokens, fast.failed_input_tokens, fast.failed_output_tokens) == (800, 600, 120)
+    assert total.cost_usd == pytest.approx(0.008) and total.failed_cost_usd == pytest.approx(0.006)
+    buffer = io.StringIO()
+    render([stats], Console(file=buffer, width=200), budget_usd=None)
+    assert "of which $0.003 on failed calls" in buffer.getvalue()
