@@ -211,12 +211,16 @@ def load_policy(path: Path, *, setting: str = "STANCHION_POLICY", translate: Tra
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{setting}: {str(path)!r} is not valid TOML: {exc}") from None
     try:
-        return Policy.model_validate(translate(data) if translate else data)
+        policy = Policy.model_validate(translate(data) if translate else data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{setting}: {str(path)!r}: {where}: {message}") from None
+    if not policy.models:
+        # Accepted, it would answer every event with the heuristic (or dead-letter it): surely not what was meant.
+        raise ConfigError(f"{setting}: {str(path)!r}: defines no [[models]]")
+    return policy
 
 
 Translate = Callable[[dict[str, Any]], dict[str, Any]]

@@ -6,13 +6,14 @@ Standard names where they exist (``NATS_URL``, ``OPENAI_API_KEY``...); everythin
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from stanchion.handlers.errors import ConfigError
 
@@ -86,7 +87,8 @@ class Settings(BaseSettings):
     output_retries: int = Field(default=1, ge=0, le=10)
     max_payload_bytes: int = Field(default=64 * 1024, ge=256)
     dedup_window_s: float = Field(default=3600.0, gt=0)
-    nak_backoff_s: tuple[float, ...] = (2.0, 10.0, 30.0, 60.0)
+    nak_backoff_s: Annotated[tuple[float, ...], NoDecode] = (2.0, 10.0, 30.0, 60.0)
+    """Seconds, by delivery: ``2,10,30,60``, ``[2, 10, 30, 60]`` or one number."""
     result_bucket: str = "stanchion_results"
     result_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     max_pause_s: float = Field(default=60.0, gt=0)
@@ -109,6 +111,24 @@ class Settings(BaseSettings):
     budget_usd: float | None = Field(default=None, gt=0)
     gc_threshold: int = Field(default=10_000, ge=0)
     """Python's generation-0 GC threshold once the service has started (0: leave Python's); see ``tune_gc``."""
+
+    @field_validator("nak_backoff_s", mode="before")
+    @classmethod
+    def _delays(cls, value: object) -> object:
+        """One number, a comma-separated list or a JSON list, as the environment gives it."""
+        if isinstance(value, int | float):
+            return (value,)
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        try:
+            parsed = json.loads(text) if text.startswith("[") else [p for p in text.replace(",", " ").split() if p]
+            delays = tuple(float(p) for p in parsed)
+        except (ValueError, TypeError):
+            raise ValueError(f"expected seconds by delivery, like 2,10,30,60 (got {value!r})") from None
+        if any(d < 0 for d in delays):
+            raise ValueError(f"delays must not be negative (got {value!r})")
+        return delays
 
     @field_validator("policy")
     @classmethod

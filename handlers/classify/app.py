@@ -7,6 +7,7 @@ stanchion.handlers.classify.app:app`` (an embedded nats-server when ``NATS_URL``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,7 +110,9 @@ def _module_app() -> FastStream:
     try:
         return serve_module(lambda settings: create_app(settings)[0])
     except ConfigError as exc:
-        raise SystemExit(f"stanchion: configuration error: {exc}") from None
+        # One line and exit code 2, as `stanchion run` does (SystemExit with a message would exit 1).
+        print(f"stanchion: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def __getattr__(name: str) -> Any:

@@ -185,10 +185,11 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
     breakers = ", ".join(f"{name} {state}" for name, state in sorted(stats.breakers.items())) or "all closed"
     cost = stats.cost_usd
     failed = f", of which {_usd(stats.failed_cost_usd)} on failed calls" if stats.failed_cost_usd else ""
+    spent = _usd(cost) if priced or not calls else "unknown (no price known for these models)"
     budget = (
-        f"{_usd(cost)} of {_usd(budget_usd)} budget ({100 * cost / budget_usd:.1f}%)"
+        f"{spent} of {_usd(budget_usd)} budget ({100 * cost / budget_usd:.1f}%)"
         if budget_usd
-        else f"{_usd(cost)} (no budget set: STANCHION_BUDGET_USD)"
+        else f"{spent} (no budget set: STANCHION_BUDGET_USD)"
     )
     latency = stats.latency
     errors = "; ".join(

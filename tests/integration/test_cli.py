@@ -263,3 +263,19 @@ async def test_publish_sends_one_event_or_a_jsonl_file(
         assert "published 5 message(s)" in many.stdout and "5 stored by JetStream" in many.stdout
         await svc.collector.wait_for(results=6)
     assert sorted(r["event_id"] for r in svc.collector.results) == [f"pub-{i}" for i in range(6)]
+
+
+def test_faststream_run_with_a_bad_setting_exits_2_with_one_line(tmp_path: Path) -> None:
+    """Under FastStream's own runner, a bad setting stops start-up as `stanchion run` does: one line, exit code 2."""
+    env = clean_env(STANCHION_MAX_IN_FLIGHT="lots")
+    proc = subprocess.run(
+        [FASTSTREAM, "run", "stanchion.handlers.classify.app:app"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "stanchion: configuration error: STANCHION_MAX_IN_FLIGHT" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 from stanchion.handlers.classify.policy import PREDICATES, default_policy, load_classifier_policy
 from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.policy import Policy, load_policy
-from stanchion.handlers.settings import Settings
+from stanchion.handlers.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,6 +74,8 @@ def test_the_readme_example_policy_loads() -> None:
         ("[breaker]\nmin_calls = 30\nwindow = 10\n", "min_calls"),
         ("[routes.default]\nmodels = [\n", "not valid TOML"),
         ("unknown_key = 1\n", "unknown_key"),
+        ("", "defines no [[models]]"),
+        ("[routes.default]\nmodels = []\n", "defines no [[models]]"),
         (
             '[[models]]\nname = "a"\nmodel = "openai-chat:m"\n[[models]]\nname = "a"\nmodel = "openai-chat:n"\n',
             "duplicate",
@@ -161,6 +163,7 @@ def test_older_classifier_rules_become_predicates(tmp_path: Path) -> None:
 
     path = tmp_path / "policy.toml"
     path.write_text(
+        '[[models]]\nname = "m"\nmodel = "openai-chat:m"\n'
         "[routes.default]\nmodels = []\n[routes.slow]\nmodels = []\n"
         '[[rules]]\nroute = "slow"\nkinds = ["degrade"]\nmin_text_length = 50\n'
     )
@@ -171,3 +174,21 @@ def test_older_classifier_rules_become_predicates(tmp_path: Path) -> None:
     assert when(TaskEvent(id="1", text="x", kind="degrade")) == "kind is degrade"
     assert when(TaskEvent(id="2", text="y" * 50)) == "text length 50 >= 50"
     assert not when(TaskEvent(id="3", text="short"))
+
+
+@pytest.mark.parametrize(
+    ("value", "delays"),
+    [("5", (5.0,)), ("2,10,30", (2.0, 10.0, 30.0)), ("2 10", (2.0, 10.0)), ("[1, 2.5]", (1.0, 2.5))],
+)
+def test_the_nak_backoff_takes_one_number_a_list_or_json(
+    value: str, delays: tuple[float, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """STANCHION_NAK_BACKOFF_S reads as people write it: ``5``, ``2,10,30`` or ``[2, 10, 30]``."""
+    monkeypatch.setenv("STANCHION_NAK_BACKOFF_S", value)
+    assert load_settings().nak_backoff_s == delays
+
+
+def test_a_bad_nak_backoff_names_the_setting_and_the_expected_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STANCHION_NAK_BACKOFF_S", "soon")
+    with pytest.raises(ConfigError, match=r"STANCHION_NAK_BACKOFF_S: expected seconds by delivery, like 2,10,30,60"):
+        load_settings()

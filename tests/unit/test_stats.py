@@ -163,3 +163,12 @@ def test_the_tokens_and_cost_of_failed_calls_are_counted_and_shown_beside_the_to
     buffer = io.StringIO()
     render([stats], Console(file=buffer, width=200), budget_usd=None)
     assert "of which $0.003 on failed calls" in buffer.getvalue()
+
+
+def test_a_cost_no_price_is_known_for_is_unknown_not_zero() -> None:
+    """Model calls without any known price: the report's cost line says unknown rather than $0."""
+    stats = ServiceStats(replica="a", started_at=1.0)
+    stats.attempt_finished(Call(event=None), record("local", "ok", 0.2, cost=None))
+    buffer = io.StringIO()
+    render([stats], Console(file=buffer, width=200), budget_usd=None)
+    assert "cost: unknown (no price known for these models)" in buffer.getvalue()
