@@ -190,6 +190,7 @@ class Stanchion:
         self.results: ResultStore = results or self._kv_results()
         self.metrics = Metrics(metrics.get_meter_provider()) if self.settings.otel_endpoint else None
         self._stats_services: list[Any] = []
+        self._preflighted = False
         if self.settings.otel_endpoint and not any(
             isinstance(m, NatsTelemetryMiddleware | TelemetryMiddleware) for m in broker.config.broker_middlewares
         ):
@@ -521,7 +522,7 @@ class Stanchion:
         """Register the handlers' start-up and shutdown work on ``app`` (its public hooks) and return it."""
         self.check()
         app.context.set_global("stanchion", self)  # for the CLI's dead-letter tools (`--app`)
-        app.on_startup(self._preflight)  # before the broker starts: JetStream and the streams, one-line errors
+        app.on_startup(self.preflight)  # before the broker starts: JetStream and the streams, one-line errors
         app.after_startup(self._started)
         app.on_shutdown(self._stopping)
         # After the broker stopped: the handlers still finishing during the grace period need the clients.
@@ -541,11 +542,17 @@ class Stanchion:
             )
         )
 
-    async def _preflight(self) -> None:
-        """Connect the broker and check JetStream and every handler's streams (``ConfigError``, one line)."""
+    async def preflight(self) -> None:
+        """Connect the broker and check JetStream and every handler's streams (``ConfigError``, one line).
+
+        Once per start: a caller that ran it first (``stanchion run``, so that a failure is the only line printed)
+        spares the app's ``on_startup`` hook a second round.
+        """
         from stanchion.handlers.nats.preflight import check_streams
 
-        await check_streams(self.broker, self.handlers)
+        if not self._preflighted:
+            await check_streams(self.broker, self.handlers)
+            self._preflighted = True
 
     async def _started(self) -> None:
         """Bring every durable up to its settings; announce every handler's statistics (``stanchion report``)."""
@@ -556,6 +563,7 @@ class Stanchion:
 
     async def _stopping(self) -> None:
         """Shutdown began (before the broker stops): every handler hands back what it holds; stats withdrawn."""
+        self._preflighted = False  # a later start checks again
         for handler in self.handlers.values():
             handler.loop.stop(handler.settings.shutdown_grace_s)
         if self.handlers:

@@ -189,15 +189,14 @@ def run(
 async def _serve(app: FastStream) -> None:
     """Run the app; a stanchion app's start-up checks first, so that a failure is the only line printed.
 
-    The app's own ``on_startup`` hook runs the same checks again (for ``faststream run`` and ``async with app``);
-    the broker's connection made here is the one FastStream starts on.
+    The app's own ``on_startup`` hook then finds them done; the broker's connection made here is the one
+    FastStream starts on.
     """
     from stanchion.handlers.api import Stanchion
-    from stanchion.handlers.nats.preflight import check_streams
 
     reliable = app.context.get("stanchion")
     if isinstance(reliable, Stanchion):
-        await check_streams(reliable.broker, reliable.handlers)
+        await reliable.preflight()
     await app.run()
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 from nats.aio.client import Client
@@ -16,6 +17,8 @@ from nats.js.kv import KeyValue
 from stanchion.handlers.runtime.results import StoredResult
 
 log = structlog.get_logger("stanchion.results")
+
+T = TypeVar("T")
 
 _DIGEST_LENGTH = 64
 
@@ -91,31 +94,29 @@ class KeyValueResultStore:
                         self._kv = await js.create_key_value(bucket=self.bucket, ttl=self.ttl_s, history=1, direct=True)
         return self._kv
 
+    async def _on_bucket(self, request: Callable[[KeyValue], Awaitable[T]]) -> T:
+        """``request`` on the bucket; once more on a recreated bucket when nobody answered because it was gone."""
+        try:
+            return await request(await self._bucket())
+        except (NoRespondersError, NoStreamResponseError):
+            if not await self._recreated():
+                raise
+            return await request(await self._bucket())
+
     async def get(self, key: str) -> StoredResult | None:
-        for last_try in (False, True):
-            kv = await self._bucket()
+        async def lookup(kv: KeyValue) -> StoredResult | None:
             try:
                 entry = await kv.get(result_key(key))
             except KeyNotFoundError:
                 return None
-            except (NoRespondersError, NoStreamResponseError):
-                if last_try or not await self._recreated():
-                    raise
-                continue
             return decode_value(entry.value or b"")
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        return await self._on_bucket(lookup)
 
     async def put(self, key: str, result: StoredResult) -> None:
         hashed = result_key(key)
         if not result.published:
-            for last_try in (False, True):
-                kv = await self._bucket()
-                try:
-                    await kv.put(hashed, encode_value(result))
-                    return
-                except NoStreamResponseError:
-                    if last_try or not await self._recreated():
-                        raise
+            await self._on_bucket(lambda kv: kv.put(hashed, encode_value(result)))
             return
         # The published mark without a confirmation round trip (a third of the store's cost per event): a plain
         # publish to the bucket's subject, sent on the connection that published the result, after it.

@@ -30,6 +30,11 @@ def id_field(name: str = "id") -> EventId:
     return read
 
 
+def validation_problems(exc: ValidationError, most: int = 5) -> str:
+    """The first validation errors on one line: ``field.path: message; ...``."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:most])
+
+
 def id_problem(event_id: object) -> str | None:
     """Why ``event_id`` cannot identify an event (``None`` when it can).
 
@@ -95,9 +100,7 @@ class Decoder(Generic[EventT]):
         try:
             event = self.event_type.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5]
-            )
+            problems = validation_problems(exc)
             event_id = raw.get("id") if isinstance(raw, dict) and isinstance(raw.get("id"), str) else None
             event_id = event_id if id_problem(event_id) is None else None  # a dead letter keeps only a usable id
             return Poison("poison.schema", f"payload is not a {self.event_type.__name__}: {problems}", event_id)

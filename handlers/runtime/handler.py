@@ -19,7 +19,7 @@ from stanchion.contracts import DeadLetter, Decision, ResultEnvelope
 from stanchion.handlers.observability.stats import ServiceStats
 from stanchion.handlers.observability.telemetry import current_trace_id
 from stanchion.handlers.runtime.dead_letters import DeadLetters
-from stanchion.handlers.runtime.decode import Decoder, Poison
+from stanchion.handlers.runtime.decode import Decoder, Poison, validation_problems
 from stanchion.handlers.runtime.outcome import Answered, DeadLettered, Outcome, Redeliver
 from stanchion.handlers.runtime.redelivery import RedeliveryPolicy
 from stanchion.handlers.runtime.results import ResultStore, StoredResult
@@ -240,7 +240,7 @@ class HandlerRuntime(Generic[EventT, OutputT]):
         self, exc: ValidationError, call: Call, data: bytes, subject: str, delivery: int, event_id: str
     ) -> Outcome:
         """The answer held a secret, and masked it is no longer valid: dead-lettered, never published."""
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:5])
+        problems = validation_problems(exc)
         return DeadLettered(
             self.dead_letter(
                 data,
