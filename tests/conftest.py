@@ -173,7 +173,9 @@ async def running_service(
     """The FastStream app in-process on the session's nats-server, with collectors on its outputs."""
     settings = settings or unique_settings(nats_url, **overrides)
     app, service = create_app(settings, policy, url=nats_url)
-    client = await nats.connect(nats_url)
+    # Back within 0.1 s of a server restart, before the service (1 s): results published meanwhile on core NATS
+    # would otherwise pass the collector by (a chaos test restarts the server under it).
+    client = await nats.connect(nats_url, reconnect_time_wait=0.1)
     collector = Collector()
     await client.subscribe(settings.output_subject, cb=collector.on_result)
     await client.subscribe(settings.dlq_subject, cb=collector.on_dead)
