@@ -90,6 +90,18 @@ class Settings(BaseSettings):
     nak_backoff_s: Annotated[tuple[float, ...], NoDecode] = (2.0, 10.0, 30.0, 60.0)
     """Seconds, by delivery: ``2,10,30,60``, ``[2, 10, 30, 60]`` or one number."""
     result_bucket: str = "stanchion_results"
+    breaker_bucket: str = "stanchion_breakers"
+    """The KV bucket of the breakers' shared state (used with ``STANCHION_BREAKER_STORE=kv``)."""
+    breaker_store: Literal["auto", "memory", "kv"] = "auto"
+    """Where breaker state lives: ``kv`` shares it between replicas, ``memory`` keeps it per process; ``auto``:
+    ``kv`` when ``STANCHION_REPLICAS`` > 1."""
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    """Replication factor of every stream and bucket the service creates (3 on a three-node cluster)."""
+    output_mode: Literal["tool", "native", "prompted"] | None = None
+    """Output mode of the built-in default policy's models (unset: ``tool``, ``native`` for the local profile)."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve ``/livez`` and ``/readyz`` over HTTP on this port (unset: no HTTP endpoint)."""
+    health_host: str = "0.0.0.0"
     result_ttl_s: float = Field(default=24 * 3600.0, gt=0)
     max_pause_s: float = Field(default=60.0, gt=0)
     input_max_age_s: float = Field(default=7 * 24 * 3600.0, gt=0)
@@ -144,7 +156,9 @@ class Settings(BaseSettings):
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
 
-    @field_validator("nats_url", "openai_base_url", "otel_endpoint", "budget_usd", mode="before")
+    @field_validator(
+        "nats_url", "openai_base_url", "otel_endpoint", "budget_usd", "output_mode", "health_port", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -163,6 +177,11 @@ class Settings(BaseSettings):
                 f"STANCHION_ACK_WAIT_S ({self.ack_wait_s:g})"
             )
         return self
+
+    @property
+    def shared_breakers(self) -> bool:
+        """Whether breaker state lives in the KV bucket, shared by every replica."""
+        return self.breaker_store == "kv" or (self.breaker_store == "auto" and self.replicas > 1)
 
     def secrets(self) -> list[str]:
         """Every secret value known to the settings, for redaction."""
