@@ -64,6 +64,7 @@ from stanchion.middleware import (
     Candidate,
     CircuitBreaker,
     Clock,
+    InMemoryBreakerStore,
     Rule,
     Terminal,
 )
@@ -143,7 +144,13 @@ class Handler(Generic[EventT, OutputT]):
 
     @property
     def breaker(self) -> CircuitBreaker | None:
-        return self.runtime.breaker
+        """The breaker of provider health (transient failures), keyed by model."""
+        return self.runtime.breakers[0] if self.runtime.breakers else None
+
+    @property
+    def quality_breaker(self) -> CircuitBreaker | None:
+        """The breaker of output quality (invalid output), keyed by this handler and model."""
+        return self.runtime.breakers[1] if len(self.runtime.breakers) > 1 else None
 
     @property
     def stats(self) -> ServiceStats:
@@ -166,7 +173,8 @@ class Stanchion:
             ``ConfigError`` naming the variable).
         clock: Time source of every stack, pause and deadline.
         results: Where answered events are kept (default: the NATS KV bucket ``STANCHION_RESULT_BUCKET``).
-        breaker_store: Where the breakers keep their state (default: in memory, per handler).
+        breaker_store: Where the breakers keep their state, shared by every handler (default: in memory, for this
+            process).
     """
 
     def __init__(
@@ -177,7 +185,7 @@ class Stanchion:
         settings: Settings | None = None,
         clock: Clock = SYSTEM_CLOCK,
         results: ResultStore | None = None,
-        breaker_store: Callable[[], BreakerStore] | None = None,
+        breaker_store: BreakerStore | None = None,
     ) -> None:
         self.broker = broker
         self.settings = settings if settings is not None else load_settings()
@@ -185,7 +193,7 @@ class Stanchion:
         if self.policy is None and self.settings.policy is not None:
             self.policy = load_policy(self.settings.policy)
         self.clock = clock
-        self.breaker_store = breaker_store
+        self.breaker_store: BreakerStore = breaker_store or InMemoryBreakerStore()
         self.handlers: dict[str, Handler[Any, Any]] = {}
         self.results: ResultStore = results or self._kv_results()
         self.metrics = Metrics(metrics.get_meter_provider()) if self.settings.otel_endpoint else None
@@ -365,7 +373,7 @@ class Stanchion:
             if metrics_ is not None:
                 metrics_.breaker_changed(name, key, old.value, new.value)
 
-        stack, breaker = build_stack(
+        stack, breakers = build_stack(
             resolved,
             terminal,
             candidates,
@@ -374,10 +382,11 @@ class Stanchion:
             attempt_timeout_s=settings.attempt_timeout_s,
             tracing=tracing,
             clock=self.clock,
-            breaker_store=self.breaker_store() if self.breaker_store is not None else None,
+            breaker_store=self.breaker_store,
             redact=redact,
             recorders=recorders,
             on_transition=[breaker_changed],
+            handler=name,
         )
         runtime: HandlerRuntime[EventT, OutputT] = HandlerRuntime(
             name=name,
@@ -387,7 +396,7 @@ class Stanchion:
             results=self.results,
             redelivery=RedeliveryPolicy(settings.nak_backoff_s, settings.max_deliver),
             redact=redact,
-            breaker=breaker,
+            breakers=breakers,
             deadline_s=resolved.deadline_s or settings.deadline_s,
             event_deadline=deadline,
             max_pause_s=settings.max_pause_s,

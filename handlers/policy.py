@@ -44,6 +44,10 @@ class BreakerConfig(_Strict):
     min_calls: int = Field(default=10, ge=1)
     open_s: float = Field(default=30.0, ge=0)
     half_open_probes: int = Field(default=1, ge=1)
+    count_invalid_output: bool = Field(
+        default=True,
+        description="Also trip (per handler) on output still invalid after its retries, with the same thresholds.",
+    )
 
     @model_validator(mode="after")
     def _window(self) -> BreakerConfig:

@@ -57,15 +57,22 @@ class BreakerPolicy:
 class CircuitBreaker:
     """Rejects calls to a candidate whose recent calls failed, until a probe shows it has recovered.
 
-    Keyed by ``call.candidate.name``. State lives in ``store`` (shared by every event, and by replicas
-    when the store is shared); time comes from ``clock``.
+    Keyed by ``call.candidate.name``, within ``scope`` when one is given (the store key is then
+    ``"<scope>/<name>"``). State lives in ``store`` (shared by every event, and by replicas when the store is
+    shared); time comes from ``clock``. Methods taking a ``name`` take the candidate's name.
+
+    A stack may hold two: one counting transient failures (the provider's health, keyed by model and shared by
+    every handler), and one counting invalid output (``counts=is_invalid_output``, scoped by handler, since
+    what is valid depends on the handler's schema).
 
     Args:
         policy: Default policy.
         per_candidate: Policies for named candidates.
         store: Breaker state.
         clock: Time source.
-        on_transition: Listeners told about every state change.
+        on_transition: Listeners told about every state change (with the store key).
+        scope: Prefix of the store keys (e.g. the handler's name).
+        label: What this breaker watches (e.g. ``"output quality"``), in its decisions.
     """
 
     policy: BreakerPolicy = field(default_factory=BreakerPolicy)
@@ -73,10 +80,17 @@ class CircuitBreaker:
     store: BreakerStore = field(default_factory=InMemoryBreakerStore)
     clock: Clock = SYSTEM_CLOCK
     on_transition: Sequence[Transition] = ()
+    scope: str = ""
+    label: str = ""
+
+    def key(self, name: str) -> str:
+        """The store key of candidate ``name``."""
+        return f"{self.scope}/{name}" if self.scope else name
 
     async def __call__(self, call: Call, call_next: Next[R]) -> R:
-        key = call.candidate.name if call.candidate else "default"
-        policy = self.per_candidate.get(key, self.policy)
+        name = call.candidate.name if call.candidate else "default"
+        key = self.key(name)
+        policy = self.per_candidate.get(name, self.policy)
         now = self.clock.now()
         old, new, probe = await self.store.update(key, lambda rec: self._acquire(rec, policy, now))
         self._changed(call, key, old, new)
@@ -85,7 +99,7 @@ class CircuitBreaker:
         ):
             # Half-open with every probe slot taken: retry_in is past; say "now-ish", never a negative wait.
             retry_in = None if new.state is BreakerState.FORCED_OPEN else max(0.0, _retry_in(new, policy, now))
-            call.decide("breaker", "rejected", model=key, state=new.state.value, retry_in_s=retry_in)
+            call.decide("breaker", "rejected", model=name, state=new.state.value, retry_in_s=retry_in, **self._of())
             raise CircuitOpenError(key, retry_in, new.state.value)
         try:
             result = await call_next(call)
@@ -96,35 +110,39 @@ class CircuitBreaker:
         await self._record(call, key, policy, probe, failed=False, released=False)
         return result
 
-    async def rejecting_for(self, key: str) -> float | None:
-        """Seconds until ``key`` may admit a call again while it rejects (0 when half-open, ``inf`` when forced
+    async def rejecting_for(self, name: str) -> float | None:
+        """Seconds until ``name`` may admit a call again while it rejects (0 when half-open, ``inf`` when forced
         open); ``None`` when it admits calls now."""
-        rec = await self.store.get(key)
+        rec = await self.store.get(self.key(name))
         if rec.state is BreakerState.FORCED_OPEN:
             return float("inf")
         if rec.state is BreakerState.HALF_OPEN:
             return 0.0
         if rec.state is BreakerState.OPEN:
-            return max(0.0, _retry_in(rec, self.per_candidate.get(key, self.policy), self.clock.now()))
+            return max(0.0, _retry_in(rec, self.per_candidate.get(name, self.policy), self.clock.now()))
         return None
 
-    async def state(self, key: str) -> BreakerState:
+    async def state(self, name: str) -> BreakerState:
         """The current state of one breaker."""
-        return (await self.store.get(key)).state
+        return (await self.store.get(self.key(name))).state
 
-    async def force_open(self, key: str) -> None:
-        """Reject every call to ``key`` until ``reset``."""
-        await self._set(key, BreakerRecord(state=BreakerState.FORCED_OPEN))
+    async def force_open(self, name: str) -> None:
+        """Reject every call to ``name`` until ``reset``."""
+        await self._set(name, BreakerRecord(state=BreakerState.FORCED_OPEN))
 
-    async def disable(self, key: str) -> None:
-        """Let every call to ``key`` through and stop counting, until ``reset``."""
-        await self._set(key, BreakerRecord(state=BreakerState.DISABLED))
+    async def disable(self, name: str) -> None:
+        """Let every call to ``name`` through and stop counting, until ``reset``."""
+        await self._set(name, BreakerRecord(state=BreakerState.DISABLED))
 
-    async def reset(self, key: str) -> None:
+    async def reset(self, name: str) -> None:
         """Back to closed with an empty window."""
-        await self._set(key, BreakerRecord())
+        await self._set(name, BreakerRecord())
 
-    async def _set(self, key: str, record: BreakerRecord) -> None:
+    def _of(self) -> dict[str, str]:
+        return {"breaker": self.label} if self.label else {}
+
+    async def _set(self, name: str, record: BreakerRecord) -> None:
+        key = self.key(name)
         old = await self.store.update(key, lambda rec: (replace(record, version=rec.version + 1), rec))
         if old.state is not record.state:
             for listener in self.on_transition:
@@ -160,7 +178,10 @@ class CircuitBreaker:
     def _changed(self, call: Call, key: str, old: BreakerRecord, new: BreakerRecord) -> None:
         if old.state is new.state:
             return
-        call.decide("breaker", f"{old.state.value} -> {new.state.value}", model=key, state=new.state.value)
+        name = call.candidate.name if call.candidate else key
+        call.decide(
+            "breaker", f"{old.state.value} -> {new.state.value}", model=name, state=new.state.value, **self._of()
+        )
         for listener in self.on_transition:
             listener(key, old.state, new.state)
 

@@ -8,7 +8,7 @@ the stack's own errors, onto the three reactions of ARCHITECTURE.md.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic_ai.exceptions import (
     ModelAPIError,
@@ -76,6 +76,25 @@ class CircuitOpenError(StanchionError):
         super().__init__(f"circuit of {candidate!r} is {state}; rejecting calls {when}")
 
 
+class InvalidOutput(StanchionError):
+    """The candidate's output still failed the output schema after its output retries. Permanent for this event, and
+    counted by the breaker of output quality (the candidate may answer other events validly).
+
+    Attributes:
+        candidate: The candidate that answered.
+        errors: The last validation errors, ``{"field": ..., "message": ...}`` each (never the input).
+        retries: The output retries it was given.
+    """
+
+    def __init__(self, candidate: str | None, errors: Sequence[Mapping[str, str]], retries: int | None = None) -> None:
+        self.candidate = candidate
+        self.errors = [dict(e) for e in errors]
+        self.retries = retries
+        after = "" if retries is None else f" after {retries} output retr{'y' if retries == 1 else 'ies'}"
+        why = "; ".join(f"{e['field']}: {e['message']}" if e.get("field") else e["message"] for e in errors)
+        super().__init__(f"output of {candidate!r} still invalid{after}: {why or 'no usable output'}")
+
+
 class NoCandidates(StanchionError):
     """The route chose no model and allows no heuristic."""
 
@@ -110,6 +129,8 @@ def failure_kind(exc: BaseException) -> FailureKind:
         return FailureKind.REJECTED
     if isinstance(exc, AllCandidatesFailed):
         return FailureKind.TRANSIENT if exc.transient else FailureKind.PERMANENT
+    if isinstance(exc, InvalidOutput):
+        return FailureKind.PERMANENT
     if isinstance(exc, AttemptTimeout | ModelRequestTimeout):
         return FailureKind.TRANSIENT
     if isinstance(exc, ModelQuotaExceededError | ModelRequestRejectedError):
@@ -136,6 +157,11 @@ def failure_kind(exc: BaseException) -> FailureKind:
 def is_transient(exc: BaseException) -> bool:
     """The default retry predicate: only transient failures are retried."""
     return failure_kind(exc) is FailureKind.TRANSIENT
+
+
+def is_invalid_output(exc: BaseException) -> bool:
+    """What the breaker of output quality counts: output still invalid after its retries."""
+    return isinstance(exc, InvalidOutput)
 
 
 def wait_hint(exc: BaseException) -> float | None:

@@ -33,6 +33,7 @@ from stanchion.middleware import (
     Terminal,
     Timeout,
     Tracing,
+    is_invalid_output,
 )
 
 OutputT = TypeVar("OutputT")
@@ -40,8 +41,11 @@ OutputT = TypeVar("OutputT")
 log = structlog.get_logger("stanchion.service")
 
 
-def breaker_policy(config: BreakerConfig) -> BreakerPolicy:
+def breaker_policy(config: BreakerConfig, *, quality: bool = False) -> BreakerPolicy:
+    """The middleware's policy of a configured breaker (``quality``: the breaker of output quality)."""
+    counts = (is_invalid_output if config.count_invalid_output else _never) if quality else None
     return BreakerPolicy(
+        **({"counts": counts} if counts is not None else {}),
         consecutive_failures=config.consecutive_failures,
         failure_rate=config.failure_rate,
         window=config.window,
@@ -49,6 +53,10 @@ def breaker_policy(config: BreakerConfig) -> BreakerPolicy:
         open_for=config.open_s,
         half_open_probes=config.half_open_probes,
     )
+
+
+def _never(exc: BaseException) -> bool:
+    return False
 
 
 def build_stack(
@@ -65,8 +73,10 @@ def build_stack(
     redact: Callable[[str], str] = str,
     recorders: Sequence[AttemptRecorder] = (),
     on_transition: Sequence[Callable[[str, Any, Any], None]] = (),
-) -> tuple[Stack[OutputT], CircuitBreaker]:
-    """The stack and its breaker.
+    handler: str = "handler",
+) -> tuple[Stack[OutputT], tuple[CircuitBreaker, CircuitBreaker]]:
+    """The stack and its two breakers: provider health (transient failures, keyed by model, in ``breaker_store``
+    shared by every handler using it) and output quality (invalid output, keyed ``<handler>/<model>``).
 
     Args:
         policy: The handler's resolved policy (routes, retry, timeouts, breaker).
@@ -78,6 +88,7 @@ def build_stack(
         tracing: Add the Tracing middleware and attempt spans (when an exporter is configured).
         recorders: Told about every model call.
         on_transition: Told about every breaker state change (besides its log line).
+        handler: The handler's name: the scope of its breaker of output quality.
     """
     routes = {
         name: RouteSpec(tuple(candidates[m] for m in route.models), route.heuristic and heuristic is not None)
@@ -94,13 +105,22 @@ def build_stack(
         for name, route in policy.routes.items()
     }
     timeouts = {name: route.timeout.attempt_s or attempt_timeout_s for name, route in policy.routes.items()}
-    breaker = CircuitBreaker(
-        policy=breaker_policy(policy.breaker),
-        per_candidate={m.name: breaker_policy(m.breaker) for m in policy.models if m.breaker is not None},
-        store=breaker_store or InMemoryBreakerStore(),
-        clock=clock,
-        on_transition=[_log_transition, *on_transition],
+    store = breaker_store or InMemoryBreakerStore()
+    breakers = tuple(
+        CircuitBreaker(
+            policy=breaker_policy(policy.breaker, quality=quality),
+            per_candidate={
+                m.name: breaker_policy(m.breaker, quality=quality) for m in policy.models if m.breaker is not None
+            },
+            store=store,
+            clock=clock,
+            on_transition=[_log_transition, *on_transition],
+            scope=handler if quality else "",
+            label="output quality" if quality else "",
+        )
+        for quality in (False, True)
     )
+    health, quality = breakers
     model_names = {m.name: m.model for m in policy.models}
     middleware: list[Middleware[OutputT]] = [
         # Tracing only when an exporter is configured: without one its spans would be no-ops anyway.
@@ -108,7 +128,8 @@ def build_stack(
         Route(routes, rules, policy.default_route),
         Fallback(heuristic),
         Retry(per_route=retry),
-        breaker,
+        health,
+        quality,
         Observe(
             recorders=recorders,
             tracer=trace.get_tracer("stanchion") if tracing else None,
@@ -117,7 +138,7 @@ def build_stack(
         ),
         Timeout(attempt_timeout_s, per_route=timeouts),
     ]
-    return Stack(middleware, terminal), breaker
+    return Stack(middleware, terminal), (health, quality)
 
 
 def _log_transition(key: str, old: Any, new: Any) -> None:

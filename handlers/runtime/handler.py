@@ -8,7 +8,7 @@ NATS wiring (``stanchion.handlers.nats``) is the only caller in production; test
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import structlog
@@ -67,7 +67,7 @@ class HandlerRuntime(Generic[EventT, OutputT]):
         results: Where answered events' envelopes are kept.
         redelivery: Delays of naks and the number of deliveries.
         redact: Masks secrets in everything the handler writes.
-        breaker: The stack's breaker, asked how long its circuits stay open (``None``: not asked).
+        breakers: The stack's breakers, asked how long their circuits stay open.
         deadline_s: Per-event deadline.
         event_deadline: A tighter deadline of one event, in seconds (``None``: none).
         max_pause_s: Longest pause a failure may ask for.
@@ -86,7 +86,7 @@ class HandlerRuntime(Generic[EventT, OutputT]):
         results: ResultStore,
         redelivery: RedeliveryPolicy,
         redact: Callable[[str], str],
-        breaker: CircuitBreaker | None = None,
+        breakers: Sequence[CircuitBreaker] = (),
         deadline_s: float | None = None,
         event_deadline: Callable[[EventT], float | None] | None = None,
         max_pause_s: float = 60.0,
@@ -102,7 +102,7 @@ class HandlerRuntime(Generic[EventT, OutputT]):
         self.results = results
         self.redelivery = redelivery
         self.redact = redact
-        self.breaker = breaker
+        self.breakers = tuple(breakers)
         self.deadline_s = deadline_s
         self.event_deadline = event_deadline
         self.max_pause_s = max_pause_s
@@ -273,12 +273,16 @@ class HandlerRuntime(Generic[EventT, OutputT]):
 
     async def _all_circuits_open_for(self, candidates: list[str]) -> float | None:
         """When every candidate tried now has an open circuit: how long until the first may be tried again."""
-        if self.breaker is None or not candidates:
+        if not self.breakers or not candidates:
             return None
-        waits = [await self.breaker.rejecting_for(name) for name in set(candidates)]
-        if any(wait is None for wait in waits):
-            return None
-        return min(min(w for w in waits if w is not None), self.max_pause_s)
+        waits: list[float] = []
+        for name in set(candidates):
+            # A candidate is closed to this event while any of its breakers rejects: until the last one reopens.
+            rejecting = [w for b in self.breakers if (w := await b.rejecting_for(name)) is not None]
+            if not rejecting:
+                return None
+            waits.append(max(rejecting))
+        return min(min(waits), self.max_pause_s)
 
     def _redacted(self, decision: Decision) -> Decision:
         detail = self.redact(decision.detail)
