@@ -54,6 +54,8 @@ class FakeOpenAI:
     """The output for a request's user text (default: a ``TaskClassification``); ``invalid`` faults answer ``{}``."""
     script: collections.deque[Fault] = field(default_factory=collections.deque)
     requests: list[Recorded] = field(default_factory=list)
+    tokens: list[tuple[int, int]] = field(default_factory=list)
+    """(prompt, completion) tokens of every completion answered, as its ``usage`` said."""
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -94,6 +96,7 @@ class FakeOpenAI:
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.tokens.clear()
 
     def start(self) -> FakeOpenAI:
         self._thread = threading.Thread(target=self._run, name=f"fake-openai-{id(self)}", daemon=True)
@@ -234,17 +237,16 @@ class FakeOpenAI:
             finish = "tool_calls"
         else:
             message["content"] = json.dumps(answer)
+        prompt_tokens = 50 + len(text) // 4
+        with self._lock:
+            self.tokens.append((prompt_tokens, 20))
         return {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "fake"),
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-            "usage": {
-                "prompt_tokens": 50 + len(text) // 4,
-                "completion_tokens": 20,
-                "total_tokens": 70 + len(text) // 4,
-            },
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 20, "total_tokens": prompt_tokens + 20},
         }
 
     def _write(

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic_ai import Agent
 from pydantic_ai._genai_prices import fill_response_cost
 from pydantic_ai.capabilities.abstract import leaf_capabilities
+from pydantic_ai.exceptions import ToolRetryError
 from pydantic_ai.messages import ModelResponse
 from pydantic_ai.models.instrumented import InstrumentationSettings
 
@@ -66,3 +67,15 @@ def has_output_validators(agent: Agent[Any, Any]) -> bool:
 def static_instructions(agent: Agent[Any, Any]) -> list[str]:
     """The agent's literal instructions, in order (only meaningful when ``simple_output_type`` is not ``None``)."""
     return [sourced.instruction for sourced in agent._instructions if isinstance(sourced.instruction, str)]
+
+
+def output_retry_feedback(exc: BaseException) -> object:
+    """What ended a run with "Exceeded maximum output retries", from its cause: the errors of a ``ValidationError``
+    (tool mode), or the feedback content of pydantic-ai's ``ToolRetryError`` (not exported; text modes) — a list of
+    pydantic error details or a message. ``None`` when the cause is neither."""
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError):
+        return cause.errors(include_input=False, include_url=False)
+    if isinstance(cause, ToolRetryError):
+        return cause.tool_retry.content
+    return None

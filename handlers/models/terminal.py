@@ -16,14 +16,17 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from pydantic_ai import Agent, AgentRetries, NativeOutput, PromptedOutput, ToolOutput
+from pydantic_ai import Agent, AgentRetries, NativeOutput, PromptedOutput, ToolOutput, capture_run_messages
 from pydantic_ai.direct import model_request
+from pydantic_ai.exceptions import UnexpectedModelBehavior
 from pydantic_ai.messages import (
     ModelMessage,
     ModelRequest,
     ModelResponse,
+    RetryFeedbackPart,
     TextPart,
     ToolCallPart,
+    ToolReturnPart,
     UserPromptPart,
 )
 from pydantic_ai.models import Model, ModelRequestParameters
@@ -39,11 +42,12 @@ from stanchion.handlers.models.adapter import (
     fill_cost,
     has_output_validators,
     instrument_default,
+    output_retry_feedback,
     simple_output_type,
     static_instructions,
 )
 from stanchion.handlers.models.providers import ModelTarget
-from stanchion.middleware import Call
+from stanchion.middleware import Call, InvalidOutput
 
 EventT = TypeVar("EventT")
 OutputT = TypeVar("OutputT")
@@ -277,19 +281,32 @@ class AgentTerminal(Generic[EventT, OutputT]):
         deps: Any = None,
     ) -> OutputT:
         """``agent.run``, with the tokens and cost of every response it received added to the call — also when the
-        run fails (e.g. output still invalid after its retries): those requests were paid for too."""
+        run fails (e.g. output still invalid after its retries): those requests were paid for too.
+
+        Each output retry of the run becomes an ``output_retry`` decision with its validation errors; a run whose
+        output is still invalid when its retries are spent raises ``InvalidOutput`` with the last errors.
+        """
         run_usage = RunUsage()  # pydantic-ai adds to the usage it is given as the run goes, whatever its end
-        try:
-            result = await self._run(agent, text, model, target, deps, run_usage)
-        finally:
-            usage = Usage(
-                input_tokens=run_usage.input_tokens,
-                output_tokens=run_usage.output_tokens,
-                requests=run_usage.requests,
-            )
-            if usage.requests:
-                reported = float(run_usage.cost) if run_usage.cost is not None else None
-                call.add_usage(usage, target.cost(usage, reported))
+        with capture_run_messages() as messages:
+            try:
+                result = await self._run(agent, text, model, target, deps, run_usage)
+            except UnexpectedModelBehavior as exc:
+                if not str(exc).startswith("Exceeded maximum output retries"):
+                    raise
+                last = validation_errors(output_retry_feedback(exc)) or _last_feedback(messages)
+                raise InvalidOutput(
+                    call.candidate.name if call.candidate else None, last, target.output_retries
+                ) from exc
+            finally:
+                _retry_decisions(call, messages)
+                usage = Usage(
+                    input_tokens=run_usage.input_tokens,
+                    output_tokens=run_usage.output_tokens,
+                    requests=run_usage.requests,
+                )
+                if usage.requests:
+                    reported = float(run_usage.cost) if run_usage.cost is not None else None
+                    call.add_usage(usage, target.cost(usage, reported))
         return result.output
 
     @staticmethod
@@ -366,6 +383,44 @@ class AgentTerminal(Generic[EventT, OutputT]):
         else:
             return None
         return _Plan(output_type, request.instructions, settings, params, tools, _Priced(target.model))
+
+
+def validation_errors(content: object) -> list[dict[str, str]]:
+    """``{"field", "message"}`` of each error of pydantic-ai's retry feedback (never the invalid input itself)."""
+    if isinstance(content, str):
+        return [{"field": "", "message": content[:300]}]
+    errors: list[dict[str, str]] = []
+    if isinstance(content, list):
+        for error in content:
+            if isinstance(error, dict):
+                loc = error.get("loc") or ()
+                field = ".".join(str(p) for p in loc) if isinstance(loc, list | tuple) else str(loc)
+                errors.append({"field": field, "message": str(error.get("msg", ""))[:300]})
+    return errors
+
+
+def _feedback(messages: list[ModelMessage]) -> list[list[dict[str, str]]]:
+    """The validation errors of each output retry in a run's messages, in order."""
+    found: list[list[dict[str, str]]] = []
+    for message in messages:
+        if isinstance(message, ModelRequest):
+            for part in message.parts:
+                if isinstance(part, RetryFeedbackPart) or (
+                    isinstance(part, ToolReturnPart) and part.outcome == "retried"
+                ):
+                    found.append(validation_errors(part.content))
+    return found
+
+
+def _last_feedback(messages: list[ModelMessage]) -> list[dict[str, str]]:
+    feedback = _feedback(messages)
+    return feedback[-1] if feedback else []
+
+
+def _retry_decisions(call: Call, messages: list[ModelMessage]) -> None:
+    for number, errors in enumerate(_feedback(messages), start=1):
+        detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
+        call.decide("output_retry", f"output invalid, asked again: {detail}", retry=number, errors=errors)
 
 
 def _output_type(spec: OutputSpec[Any]) -> object:

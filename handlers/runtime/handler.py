@@ -286,7 +286,10 @@ class HandlerRuntime(Generic[EventT, OutputT]):
 
     def _redacted(self, decision: Decision) -> Decision:
         detail = self.redact(decision.detail)
-        return decision if detail == decision.detail else decision.model_copy(update={"detail": detail})
+        data = _redact_values(decision.data, self.redact)
+        if detail == decision.detail and data is decision.data:
+            return decision
+        return decision.model_copy(update={"detail": detail, "data": data})
 
     def poison(self, data: bytes, subject: str, delivery: int, poison: Poison) -> DeadLetter:
         """The dead letter of a payload that is not a valid event (logged once)."""
@@ -352,3 +355,17 @@ class HandlerRuntime(Generic[EventT, OutputT]):
                 cost_usd=call.cost_usd,
             )
         )
+
+
+def _redact_values(value: Any, redact: Callable[[str], str]) -> Any:
+    """``value`` with every string in it redacted; the same object when nothing changed."""
+    if isinstance(value, str):
+        masked = redact(value)
+        return value if masked == value else masked
+    if isinstance(value, dict):
+        items = {k: _redact_values(v, redact) for k, v in value.items()}
+        return value if all(items[k] is v for k, v in value.items()) else items
+    if isinstance(value, list | tuple):
+        values = [_redact_values(v, redact) for v in value]
+        return value if all(a is b for a, b in zip(values, value, strict=True)) else values
+    return value

@@ -27,7 +27,7 @@ from stanchion.handlers.classify.agent import build_agent, prompt
 from stanchion.handlers.models.providers import ModelTarget, build_model, close_models, output_spec
 from stanchion.handlers.models.terminal import AgentTerminal
 from stanchion.handlers.policy import ModelConfig, OutputMode
-from stanchion.middleware import Call, Candidate
+from stanchion.middleware import Call, Candidate, InvalidOutput
 from tests.fake_openai import FakeOpenAI
 
 MODES: list[OutputMode] = ["tool", "native", "prompted"]
@@ -192,20 +192,25 @@ async def test_text_instead_of_the_output_tool_is_left_to_the_agent() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_exhausted_output_retries_raise_unexpected_model_behavior(mode: OutputMode) -> None:
-    """Still invalid after ``output_retries`` retries: agent.run's UnexpectedModelBehavior, after as many requests."""
+async def test_exhausted_output_retries_raise_invalid_output_from_agent_runs_error(mode: OutputMode) -> None:
+    """Still invalid after ``output_retries`` retries: ``InvalidOutput`` with the last validation error, raised from
+    agent.run's own UnexpectedModelBehavior, after as many requests; the retry is a decision with its errors."""
     before, after = Scripted(BAD), Scripted(BAD)
 
     with pytest.raises(UnexpectedModelBehavior) as expected:
         await naive(target(before.model, mode, retries=1))
     call = make_call(target(after.model, mode, retries=1))
-    with pytest.raises(UnexpectedModelBehavior) as raised:
+    with pytest.raises(InvalidOutput) as raised:
         await classifier_terminal()(call)
 
-    assert type(raised.value) is type(expected.value)
-    assert str(raised.value) == str(expected.value)
+    cause = raised.value.__cause__
+    assert type(cause) is type(expected.value) and str(cause) == str(expected.value)
+    assert raised.value.errors == [{"field": "priority", "message": "Input should be less than or equal to 5"}]
+    assert raised.value.retries == 1 and "priority: Input should be less than or equal to 5" in str(raised.value)
     assert len(after.seen) == len(before.seen) == 2
     assert call.attempts == 1
+    [retry] = [d for d in call.decisions if d.kind == "output_retry"]
+    assert retry.data == {"retry": 1, "errors": raised.value.errors}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -214,7 +219,7 @@ async def test_the_tokens_and_cost_of_a_run_that_fails_are_counted(mode: OutputM
     (they were paid for), as ``agent.run`` itself counts them."""
     scripted = Scripted(BAD)
     call = make_call(target(scripted.model, mode, retries=1, price_input_per_mtok=2.0, price_output_per_mtok=10.0))
-    with pytest.raises(UnexpectedModelBehavior):
+    with pytest.raises(InvalidOutput):
         await classifier_terminal()(call)
     assert call.usage.requests == 2 == len(scripted.seen)
     assert call.usage.input_tokens == 51 + 52 and call.usage.output_tokens == 40
@@ -385,14 +390,16 @@ async def test_over_http_invalid_output_is_retried_then_succeeds(
     assert call.cost_usd == expected.cost_usd
 
 
-async def test_over_http_exhausted_retries_raise_unexpected_model_behavior(
+async def test_over_http_exhausted_retries_raise_invalid_output(
     fake_openai: Callable[..., FakeOpenAI], http_target: HttpTarget
 ) -> None:
-    """Always invalid over HTTP: UnexpectedModelBehavior after 1 + output_retries requests."""
+    """Always invalid over HTTP: InvalidOutput (from agent.run's UnexpectedModelBehavior) after 1 + output_retries
+    requests."""
     server = fake_openai(always="invalid")
 
-    with pytest.raises(UnexpectedModelBehavior):
+    with pytest.raises(InvalidOutput) as raised:
         await fast(http_target(server))
+    assert isinstance(raised.value.__cause__, UnexpectedModelBehavior)
 
     assert server.count == 3
 

@@ -6,8 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 from pydantic import BaseModel
-from pydantic_ai import Agent, RunContext
-from pydantic_ai.messages import ModelResponse, TextPart
+from pydantic_ai import Agent, NativeOutput, RunContext, ToolOutput
+from pydantic_ai.exceptions import UnexpectedModelBehavior
+from pydantic_ai.messages import ModelMessage, ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.models.instrumented import InstrumentationSettings
 from pydantic_ai.usage import RequestUsage
 
@@ -15,6 +17,7 @@ from stanchion.handlers.models.adapter import (
     fill_cost,
     has_output_validators,
     instrument_default,
+    output_retry_feedback,
     simple_output_type,
     static_instructions,
 )
@@ -113,3 +116,23 @@ def test_instrument_default_follows_agent_instrument_all() -> None:
     assert instrument_default() is settings
     Agent.instrument_all(False)
     assert instrument_default() is False
+
+
+@pytest.mark.parametrize("mode", ["tool", "native"])
+async def test_output_retry_feedback_reads_the_last_validation_error_of_a_run_out_of_output_retries(mode: str) -> None:
+    """The cause of "Exceeded maximum output retries" holds the last validation errors (a ValidationError in tool
+    mode, pydantic-ai's unexported ToolRetryError in text modes): the adapter reads them from either."""
+
+    def invalid(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
+        if info.output_tools:
+            return ModelResponse(parts=[ToolCallPart(info.output_tools[0].name, {"value": "many"})])
+        return ModelResponse(parts=[TextPart('{"value": "many"}')])
+
+    agent = Agent(FunctionModel(invalid), output_type=ToolOutput(Answer) if mode == "tool" else NativeOutput(Answer))
+    with pytest.raises(UnexpectedModelBehavior) as raised:
+        await agent.run("how many?", retries={"output": 1})
+    assert str(raised.value) == "Exceeded maximum output retries (1)"
+    feedback = output_retry_feedback(raised.value)
+    assert isinstance(feedback, list) and [(tuple(e["loc"]), e["type"]) for e in feedback] == [
+        (("value",), "int_parsing")
+    ]
