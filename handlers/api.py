@@ -60,6 +60,7 @@ from stanchion.middleware import (
     SYSTEM_CLOCK,
     AttemptRecorder,
     BreakerStore,
+    Bulkhead,
     Call,
     Candidate,
     CircuitBreaker,
@@ -194,6 +195,7 @@ class Stanchion:
             self.policy = load_policy(self.settings.policy)
         self.clock = clock
         self.breaker_store: BreakerStore = breaker_store or InMemoryBreakerStore()
+        self.bulkhead = Bulkhead()  # every handler of this process calling a model shares its slots
         self.handlers: dict[str, Handler[Any, Any]] = {}
         self.results: ResultStore = results or self._kv_results()
         self.metrics = Metrics(metrics.get_meter_provider()) if self.settings.otel_endpoint else None
@@ -387,6 +389,7 @@ class Stanchion:
             recorders=recorders,
             on_transition=[breaker_changed],
             handler=name,
+            bulkhead=self.bulkhead,
         )
         runtime: HandlerRuntime[EventT, OutputT] = HandlerRuntime(
             name=name,

@@ -73,6 +73,11 @@ class ModelConfig(_Strict):
     output_mode: OutputMode = "tool"
     output_retries: int | None = Field(default=None, ge=0, le=10)
     breaker: BreakerConfig | None = None
+    max_concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        description="Calls at once to this model, per process (unset: unlimited); more wait within the deadline.",
+    )
     price_input_per_mtok: float | None = Field(default=None, ge=0, description="USD per million input tokens.")
     price_output_per_mtok: float | None = Field(default=None, ge=0)
 

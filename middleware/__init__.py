@@ -6,6 +6,7 @@ middleware listed runs outermost. Nothing here imports FastStream or the ``handl
 
 from stanchion.middleware.breaker import BreakerPolicy, CircuitBreaker
 from stanchion.middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
+from stanchion.middleware.bulkhead import Bulkhead
 from stanchion.middleware.call import Call, Candidate
 from stanchion.middleware.clock import SYSTEM_CLOCK, Clock, FakeClock, SystemClock
 from stanchion.middleware.errors import (
@@ -41,6 +42,7 @@ __all__ = [
     "BreakerRecord",
     "BreakerState",
     "BreakerStore",
+    "Bulkhead",
     "Call",
     "Candidate",
     "CircuitBreaker",

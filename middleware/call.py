@@ -58,6 +58,8 @@ class Call:
     trace_id: str | None = None
     models_tried: list[str] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
+    slot_wait_s: float = 0.0
+    """Seconds the current attempt waited for a slot of its candidate's bulkhead."""
     started_at: float = field(init=False)
     deadline: float | None = field(init=False)
 

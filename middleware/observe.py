@@ -132,6 +132,8 @@ class Observe:
             span.add_event(decision.kind, {"detail": self.redact(decision.detail), "at_ms": decision.at_ms})
         if cost is not None:
             span.set_attribute("stanchion.cost_usd", cost)
+        if call.slot_wait_s:
+            span.set_attribute("stanchion.slot_wait_s", call.slot_wait_s)
         span.set_attributes(
             {
                 "gen_ai.usage.input_tokens": usage.input_tokens,

@@ -42,6 +42,8 @@ class FakeOpenAI:
     retry_after: float = 1.0
     slow_s: float = 5.0
     latency_s: float = 0.0
+    slots: int | None = None
+    """Requests served at once, like a local server with that many slots (others queue; ``None``: no limit)."""
     echo_auth: bool = False
     quote_auth: bool = False
     """Answer with the request's Authorization header in the output's text (a provider or proxy echoing it)."""
@@ -66,6 +68,7 @@ class FakeOpenAI:
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
+        self._slots: asyncio.Semaphore | None = None
 
     # -- control -------------------------------------------------------------------------------
 
@@ -180,7 +183,12 @@ class FakeOpenAI:
             return True
         body = json.loads(raw or b"{}")
         fault = self._next_fault(body)
-        if self.latency_s:
+        if self.slots is not None:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.slots)
+            async with self._slots:
+                await asyncio.sleep(self.latency_s)
+        elif self.latency_s:
             await asyncio.sleep(self.latency_s)
         if fault == "reset":
             writer.transport.abort()

@@ -16,6 +16,7 @@ from stanchion.middleware import (
     AttemptRecorder,
     BreakerPolicy,
     BreakerStore,
+    Bulkhead,
     Call,
     Candidate,
     CircuitBreaker,
@@ -74,6 +75,7 @@ def build_stack(
     recorders: Sequence[AttemptRecorder] = (),
     on_transition: Sequence[Callable[[str, Any, Any], None]] = (),
     handler: str = "handler",
+    bulkhead: Bulkhead | None = None,
 ) -> tuple[Stack[OutputT], tuple[CircuitBreaker, CircuitBreaker]]:
     """The stack and its two breakers: provider health (transient failures, keyed by model, in ``breaker_store``
     shared by every handler using it) and output quality (invalid output, keyed ``<handler>/<model>``).
@@ -89,6 +91,8 @@ def build_stack(
         recorders: Told about every model call.
         on_transition: Told about every breaker state change (besides its log line).
         handler: The handler's name: the scope of its breaker of output quality.
+        bulkhead: The per-model concurrency limits, shared by every stack of the process (``None``: this
+            stack's own); the policy's ``max_concurrency`` values are set on it.
     """
     routes = {
         name: RouteSpec(tuple(candidates[m] for m in route.models), route.heuristic and heuristic is not None)
@@ -121,6 +125,10 @@ def build_stack(
         for quality in (False, True)
     )
     health, quality = breakers
+    bulkhead = bulkhead if bulkhead is not None else Bulkhead()
+    for model in policy.models:
+        if model.max_concurrency is not None:
+            bulkhead.limit(model.name, model.max_concurrency)
     model_names = {m.name: m.model for m in policy.models}
     middleware: list[Middleware[OutputT]] = [
         # Tracing only when an exporter is configured: without one its spans would be no-ops anyway.
@@ -130,6 +138,7 @@ def build_stack(
         Retry(per_route=retry),
         health,
         quality,
+        *([bulkhead] if bulkhead.limits else []),
         Observe(
             recorders=recorders,
             tracer=trace.get_tracer("stanchion") if tracing else None,
