@@ -62,7 +62,8 @@ def default_policy(settings: Settings) -> Policy:
 
     production (an API key is set): ``fast`` (gpt-4o-mini) for simple events, ``strong`` (gpt-4o)
     first for complex ones, ``backup`` (Anthropic) behind both. local (no key): one Ollama model.
-    Every route ends with the keyword heuristic.
+    Every route ends with the keyword heuristic. ``STANCHION_OUTPUT_MODE`` sets every model's output mode
+    (default: ``tool`` for the cloud models, ``native`` for the local one).
     """
     profile = settings.profile
     if profile == "auto":
@@ -95,6 +96,8 @@ def default_policy(settings: Settings) -> Policy:
     names = [m.name for m in models]
     simple = [n for n in ("fast", "backup", "local") if n in names]
     complex_ = [n for n in ("strong", "backup", "fast", "local") if n in names]
+    if settings.output_mode is not None:
+        models = [m.model_copy(update={"output_mode": settings.output_mode}) for m in models]
     return Policy(
         models=models,
         routes={"default": RouteConfig(models=simple), "complex": RouteConfig(models=complex_)},

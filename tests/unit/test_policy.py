@@ -56,6 +56,15 @@ def test_openai_base_url_is_respected() -> None:
     assert {m.base_url for m in policy.models} == {"http://127.0.0.1:8000/v1"}
 
 
+@pytest.mark.parametrize("mode", ["tool", "native", "prompted"])
+def test_stanchion_output_mode_sets_the_output_mode_of_every_default_model(mode: str) -> None:
+    """STANCHION_OUTPUT_MODE chooses the default policy's output mode, for the cloud and the local profile alike."""
+    for values in ({"openai_api_key": "sk-a", "anthropic_api_key": "sk-b"}, {"profile": "local"}):
+        policy = default_policy(settings(output_mode=mode, **values))
+        assert {m.output_mode for m in policy.models} == {mode}
+    assert {m.output_mode for m in default_policy(settings(openai_api_key="sk-a")).models} == {"tool"}
+
+
 def test_the_readme_example_policy_loads() -> None:
     """examples/policy.toml (the README's example) is a valid policy."""
     policy = load_policy(ROOT / "examples/policy.toml")
