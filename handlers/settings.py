@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import urllib.parse
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -200,15 +201,50 @@ def env_name(field_name: str) -> str:
     return _STANDARD_NAMES.get(field_name, f"STANCHION_{field_name.upper()}")
 
 
-def load_settings() -> Settings:
-    """Read and validate the settings; raises ``ConfigError`` naming the first bad variable."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = str(first["loc"][0]) if first["loc"] else ""
-        name = loc if loc.isupper() or not loc else env_name(loc)
-        message = first["msg"].removeprefix("Value error, ")
-        secret = any(word in name for word in ("KEY", "TOKEN", "PASSWORD"))
-        shown = "" if secret or first["type"] == "value_error" else f" (got {first.get('input')!r})"
-        raise ConfigError(f"{name}: {message}{shown}" if name else f"{message}{shown}") from None
+def load_settings(only: Collection[str] | None = None) -> Settings:
+    """Read and validate the settings; raises ``ConfigError`` naming the first bad variable.
+
+    Args:
+        only: The fields a command needs (``None``: all). A bad value of any other field is left at its default, so
+            that e.g. ``stanchion report`` does not refuse to start over a service setting it never reads.
+    """
+    ignored: dict[str, Any] = {}
+    while True:  # each round leaves one more field at its default, or raises
+        try:
+            return Settings(**ignored)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            loc = str(first["loc"][0]) if first["loc"] else ""
+            field = _field_of(loc)
+            if only is not None and field is not None and field not in only and field not in ignored:
+                ignored[field] = Settings.model_fields[field].get_default(call_default_factory=True)
+                continue
+            name = loc if loc.isupper() or not loc else env_name(loc)
+            message = first["msg"].removeprefix("Value error, ")
+            secret = any(word in name for word in ("KEY", "TOKEN", "PASSWORD"))
+            shown = "" if secret or first["type"] == "value_error" else f" (got {first.get('input')!r})"
+            raise ConfigError(f"{name}: {message}{shown}" if name else f"{message}{shown}") from None
+
+
+def _field_of(loc: str) -> str | None:
+    """The field an error's location names (a field name, or the standard variable of one)."""
+    if loc in Settings.model_fields:
+        return loc
+    return next((field for field, name in _STANDARD_NAMES.items() if name == loc), None)
+
+
+NATS_CONNECTION = frozenset(
+    {
+        "nats_url",
+        "nats_token",
+        "nats_user",
+        "nats_password",
+        "nats_creds",
+        "nats_ca",
+        "nats_cert",
+        "nats_key",
+        "log_level",
+        "log_format",
+    }
+)
+"""What every command talking to NATS reads."""

@@ -35,6 +35,7 @@ from stanchion.middleware import (
     Timeout,
     Tracing,
     is_invalid_output,
+    is_transient,
 )
 
 OutputT = TypeVar("OutputT")
@@ -44,9 +45,8 @@ log = structlog.get_logger("stanchion.service")
 
 def breaker_policy(config: BreakerConfig, *, quality: bool = False) -> BreakerPolicy:
     """The middleware's policy of a configured breaker (``quality``: the breaker of output quality)."""
-    counts = (is_invalid_output if config.count_invalid_output else _never) if quality else None
     return BreakerPolicy(
-        **({"counts": counts} if counts is not None else {}),
+        counts=(is_invalid_output if config.count_invalid_output else _never) if quality else is_transient,
         consecutive_failures=config.consecutive_failures,
         failure_rate=config.failure_rate,
         window=config.window,

@@ -20,6 +20,7 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
 from rich import box
 from rich.console import Console, Group, JustifyMethod
+from rich.measure import Measurement
 from rich.table import Table
 
 from stanchion.handlers.observability.stats import Histogram, ModelStats, ServiceStats
@@ -138,18 +139,43 @@ def _model_row(name: str, stats: ModelStats) -> list[str]:
         str(stats.calls),
         _pct(stats.ok, stats.calls),
         _percentiles(latency),
-        f"{stats.input_tokens}/{stats.output_tokens}",
+        _tokens(stats.input_tokens, stats.output_tokens),
         _usd(average),
         _usd(stats.cost_usd if stats.priced_calls else None),
     ]
+
+
+def _model_line(name: str, stats: ModelStats) -> str:
+    """A model's row as words, for a terminal too narrow for the table: wrapped between figures, never inside."""
+    _, calls, ok, latency, tokens, average, total = _model_row(name, stats)
+    model = f" ({stats.model})" if stats.model and stats.model != name else ""
+    return (
+        f"[bold]{name}[/bold]{model}: {calls} calls, ok {ok}, p50/p95/p99 {latency} ms, tokens in/out {tokens}, "
+        f"{average} per call, {total} in all"
+    )
+
+
+def _count(n: int) -> str:
+    """A token count in a few characters: exact below 100,000, then k / M (the JSON report has them exact)."""
+    if n < 100_000:
+        return str(n)
+    return f"{n / 1000:.0f}k" if n < 10_000_000 else f"{n / 1_000_000:.1f}M"
+
+
+def _tokens(input_tokens: int, output_tokens: int) -> str:
+    return f"{_count(input_tokens)}/{_count(output_tokens)}"
 
 
 def _percentiles(latency: Histogram) -> str:
     return "/".join(_ms(latency.percentile(q)) for q in (0.5, 0.95, 0.99))
 
 
-def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Group:
-    """One replica's (or the sum's) figures: a row per model, then the event-level summary."""
+def stats_table(stats: ServiceStats, title: str, budget_usd: float | None, console: Console | None = None) -> Group:
+    """One replica's (or the sum's) figures: a row per model, then the event-level summary.
+
+    Names are never cut: when the table would not fit whole in the ``console``'s width, each model gets a line of words
+    instead (wrapped between figures).
+    """
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("candidate / model", "left"),
@@ -161,9 +187,10 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         ("$ total", "right"),
     )
     for column, justify in columns:
-        table.add_column(column, justify=justify, no_wrap=column.startswith("p50"))
-    for name, model in sorted(stats.models.items()):
-        table.add_row(*_model_row(name, model))
+        table.add_column(column, justify=justify, no_wrap=True)
+    rows = [_model_row(name, model) for name, model in sorted(stats.models.items())]
+    for row in rows:
+        table.add_row(*row)
     calls = stats.model_calls
     ok = sum(m.ok for m in stats.models.values())
     priced = sum(m.priced_calls for m in stats.models.values())
@@ -175,7 +202,9 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         str(calls),
         _pct(ok, calls),
         _percentiles(every_call),
-        f"{sum(m.input_tokens for m in stats.models.values())}/{sum(m.output_tokens for m in stats.models.values())}",
+        _tokens(
+            sum(m.input_tokens for m in stats.models.values()), sum(m.output_tokens for m in stats.models.values())
+        ),
         _usd(stats.cost_usd / priced if priced else None),
         _usd(stats.cost_usd if priced else None),
         style="bold",
@@ -209,13 +238,30 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None) -> Gr
         f"(fallback rate {_pct(stats.fell_back, stats.events)}); breakers: {breakers}",
         f"cost: {budget}{failed}",
     ]
+    if console is not None and Measurement.get(console, console.options.update_width(10_000), table).maximum > (
+        console.width
+    ):
+        per_model = [_model_line(name, model) for name, model in sorted(stats.models.items())]
+        every = ModelStats(
+            calls=calls,
+            ok=ok,
+            priced_calls=priced,
+            cost_usd=stats.cost_usd,
+            latency=every_call,
+            input_tokens=sum(m.input_tokens for m in stats.models.values()),
+            output_tokens=sum(m.output_tokens for m in stats.models.values()),
+        )
+        return Group(f"[bold]{title}[/bold]", *per_model, _model_line("all models", every), *lines)
     return Group(table, *lines)
 
 
 def render(replicas: list[ServiceStats], console: Console, budget_usd: float | None) -> None:
     """Per handler (name and subject): each replica's figures, then the combined table of its replicas."""
     if not replicas:
-        console.print("no running stanchion service answered")
+        console.print(
+            f"no running stanchion service answered $SRV.STATS.{SERVICE_NAME} within the wait "
+            "(every handler of every app answers it, whatever its names; --wait to wait longer)"
+        )
         return
     now = time.time()
     for (handler, _), group in by_handler(replicas).items():
@@ -223,8 +269,8 @@ def render(replicas: list[ServiceStats], console: Console, budget_usd: float | N
         console.print(f"[bold]{label}[/bold]: {len(group)} replica(s)")
         for stats in group:
             title = f"replica {stats.replica} ({stats.host} pid {stats.pid}, up {now - stats.started_at:,.0f} s)"
-            console.print(stats_table(stats, title, budget_usd))
+            console.print(stats_table(stats, title, budget_usd, console))
             console.print()
         if len(group) > 1:
-            console.print(stats_table(combine(group), f"{label} combined: {len(group)} replicas", budget_usd))
+            console.print(stats_table(combine(group), f"{label} combined: {len(group)} replicas", budget_usd, console))
             console.print()

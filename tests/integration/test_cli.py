@@ -279,3 +279,34 @@ def test_faststream_run_with_a_bad_setting_exits_2_with_one_line(tmp_path: Path)
     assert proc.returncode == 2, proc.stderr
     assert "stanchion: configuration error: STANCHION_MAX_IN_FLIGHT" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+CONFIG_ERRORS = [
+    ({"STANCHION_NAK_BACKOFF_S": "soon"}, "STANCHION_NAK_BACKOFF_S", "like 2,10,30,60"),
+    ({"STANCHION_OUTPUT_MODE": "json"}, "STANCHION_OUTPUT_MODE", "'tool', 'native' or 'prompted'"),
+    ({"STANCHION_MAX_IN_FLIGHT": "lots"}, "STANCHION_MAX_IN_FLIGHT", "valid integer"),
+    ({"STANCHION_POLICY": "{empty}"}, "STANCHION_POLICY", "defines no [[models]]"),
+]
+
+
+@pytest.mark.parametrize("entry", ["run", "demo", "faststream"])
+@pytest.mark.parametrize(("env", "name", "form"), CONFIG_ERRORS, ids=[e[1] for e in CONFIG_ERRORS])
+def test_every_entry_point_exits_2_with_one_line_naming_the_setting_and_its_form(
+    entry: str, env: dict[str, str], name: str, form: str, tmp_path: Path
+) -> None:
+    """`stanchion run`, `stanchion demo` and `faststream run`: a bad setting is one line naming it and the expected
+    form, exit code 2, no traceback."""
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# no models\n")
+    env = {key: value.replace("{empty}", str(empty)) for key, value in env.items()}
+    command = {
+        "run": [STANCHION, "run"],
+        "demo": [STANCHION, "demo"],
+        "faststream": [FASTSTREAM, "run", "stanchion.handlers.classify.app:app"],
+    }[entry]
+    proc = subprocess.run(command, env=clean_env(**env), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert name in lines[0] and form in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr

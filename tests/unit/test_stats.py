@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -13,10 +14,11 @@ import structlog
 from rich.console import Console
 
 from stanchion.contracts import Usage
+from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.observability.logs import configure_logging
 from stanchion.handlers.observability.report import combine, render
 from stanchion.handlers.observability.stats import Histogram, ServiceStats
-from stanchion.handlers.settings import Settings
+from stanchion.handlers.settings import NATS_CONNECTION, Settings, load_settings
 from stanchion.middleware import AttemptRecord, Call
 
 
@@ -172,3 +174,38 @@ def test_a_cost_no_price_is_known_for_is_unknown_not_zero() -> None:
     buffer = io.StringIO()
     render([stats], Console(file=buffer, width=200), budget_usd=None)
     assert "cost: unknown (no price known for these models)" in buffer.getvalue()
+
+
+def test_at_80_columns_every_name_and_figure_is_printed_whole() -> None:
+    """Names too long for the table at 80 columns: each model gets a line of words instead, wrapped between
+    words, so no name is cut ("smol-nati…") and every figure is there."""
+    stats = ServiceStats(replica="a", started_at=1.0, handler="refund-extraction-for-emails")
+    names = {"smol-native-json-schema": "openai-chat:SmolLM2-135M-Instruct-Q8_0", "openai-chat-backup": "openai:gpt-4o"}
+    for name, model in names.items():
+        stats.attempt_finished(Call(event=None), dataclasses.replace(record(name, "ok", 0.3), model=model))
+    stats.breaker_changed("refund-extraction-for-emails/smol-native-json-schema", "open")
+    buffer = io.StringIO()
+    render([stats], Console(file=buffer, width=80), budget_usd=None)
+    text = buffer.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    words = {word.strip("(),:;") for word in text.split()}
+    assert set(names) | set(names.values()) | {"refund-extraction-for-emails/smol-native-json-schema"} <= words
+    assert "$0.001 per call" in text and "all models" in text
+
+    wide = io.StringIO()
+    render([stats], Console(file=wide, width=200), budget_usd=None)
+    assert "p50/p95/p99 ms" in wide.getvalue()  # wide enough: the table
+
+
+def test_commands_reading_few_settings_ignore_bad_values_of_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stanchion report` reads the connection and the budget: a bad STANCHION_MAX_IN_FLIGHT leaves it unmoved (at
+    its default), while a bad value it reads still stops it, naming the variable."""
+    monkeypatch.setenv("STANCHION_MAX_IN_FLIGHT", "abc")
+    monkeypatch.setenv("STANCHION_NAK_BACKOFF_S", "soon")
+    settings = load_settings(NATS_CONNECTION | {"budget_usd"})
+    assert settings.max_in_flight == 16 and settings.nak_backoff_s == (2.0, 10.0, 30.0, 60.0)
+    with pytest.raises(ConfigError, match="STANCHION_MAX_IN_FLIGHT"):
+        load_settings()
+    monkeypatch.setenv("STANCHION_BUDGET_USD", "lots")
+    with pytest.raises(ConfigError, match="STANCHION_BUDGET_USD"):
+        load_settings(NATS_CONNECTION | {"budget_usd"})
