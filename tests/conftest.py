@@ -160,6 +160,8 @@ class RunningService:
     service: Handler[Any, Any]
     client: Client
     collector: Collector
+    app: Any = None
+    """The FastStream app (its context holds the ``Stanchion``)."""
 
     async def publish(self, event: dict[str, Any] | bytes) -> None:
         data = event if isinstance(event, bytes) else json.dumps(event).encode()
@@ -181,7 +183,7 @@ async def running_service(
     await client.subscribe(settings.dlq_subject, cb=collector.on_dead)
     try:
         async with app:
-            yield RunningService(settings, service, client, collector)
+            yield RunningService(settings, service, client, collector, app)
     finally:
         await client.close()
 
