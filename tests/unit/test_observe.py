@@ -22,6 +22,7 @@ from stanchion.middleware import (
     CircuitBreaker,
     FakeClock,
     Fallback,
+    InvalidOutput,
     Observe,
     Retry,
     RetryPolicy,
@@ -178,3 +179,28 @@ def test_control_characters_are_escaped_in_console_log_lines() -> None:
     event = escape_controls(None, "info", {"event": "poison message", "reason": "id nul\x00 and \x1b[31m red"})
     assert event["reason"] == "id nul\\x00 and \\x1b[31m red"
     assert escape_controls(None, "info", {"reason": "line\tand\nnewline"})["reason"] == "line\tand\nnewline"
+
+
+async def test_a_failed_attempt_that_received_responses_carries_their_tokens_and_cost_on_its_span_and_record() -> None:
+    """Output still invalid after its retries: the attempt failed, but the two responses were paid for; the span's
+    gen_ai.usage.* and stanchion.cost_usd, and the record, say so."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    records = Records()
+
+    async def invalid_twice(call: Call) -> str:
+        call.add_usage(Usage(input_tokens=120, output_tokens=40, requests=2), 0.0009)
+        raise InvalidOutput("fast", [{"field": "priority", "message": "Input should be less than or equal to 5"}], 1)
+
+    call = Call(event=None, clock=FakeClock())
+    call.candidate = Candidate("fast")
+    with pytest.raises(InvalidOutput):
+        await Observe(recorders=[records], tracer=provider.get_tracer("t"))(call, invalid_twice)
+    [span] = exporter.get_finished_spans()
+    attributes = dict(span.attributes or {})
+    assert (attributes["gen_ai.usage.input_tokens"], attributes["gen_ai.usage.output_tokens"]) == (120, 40)
+    assert attributes["stanchion.cost_usd"] == pytest.approx(0.0009)
+    assert attributes["stanchion.failure"] == "permanent"
+    [record] = records.records
+    assert record.usage.requests == 2 and record.cost_usd == pytest.approx(0.0009) and record.outcome == "permanent"
