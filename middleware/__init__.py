@@ -5,7 +5,15 @@ middleware listed runs outermost. Nothing here imports FastStream or the ``handl
 """
 
 from stanchion.middleware.breaker import BreakerPolicy, CircuitBreaker
-from stanchion.middleware.breaker_store import BreakerRecord, BreakerState, BreakerStore, InMemoryBreakerStore
+from stanchion.middleware.breaker_store import (
+    BreakerRecord,
+    BreakerState,
+    BreakerStore,
+    InMemoryBreakerStore,
+    ProbeLease,
+    RecordListener,
+    SharedBreakerStore,
+)
 from stanchion.middleware.bulkhead import Bulkhead
 from stanchion.middleware.call import Call, Candidate
 from stanchion.middleware.clock import SYSTEM_CLOCK, Clock, FakeClock, SystemClock
@@ -58,11 +66,14 @@ __all__ = [
     "Next",
     "NoCandidates",
     "Observe",
+    "ProbeLease",
+    "RecordListener",
     "Retry",
     "RetryPolicy",
     "Route",
     "RouteSpec",
     "Rule",
+    "SharedBreakerStore",
     "Stack",
     "StanchionError",
     "SystemClock",

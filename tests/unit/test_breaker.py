@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -415,6 +416,8 @@ async def test_per_candidate_policy_overrides_the_default() -> None:
         ({"min_calls": 0}, "min_calls"),
         ({"open_for": -1.0}, "open_for"),
         ({"half_open_probes": 0}, "half_open_probes"),
+        ({"probe_lease": 0.0}, "probe_lease"),
+        ({"probe_lease": float("nan")}, "probe_lease"),
     ],
 )
 def test_policy_rejects_invalid_settings(settings: dict[str, Any], message: str) -> None:
@@ -518,3 +521,61 @@ async def test_half_open_rejection_never_reports_a_negative_wait() -> None:
     assert isinstance(rejected, CircuitOpenError)
     assert rejected.retry_in is not None
     assert rejected.retry_in >= 0.0
+
+
+def test_a_probe_lease_lasts_the_open_period_at_least_a_second_unless_set() -> None:
+    """By default a probe holds its slot for ``open_for`` (1 s when that is shorter); ``probe_lease`` overrides it."""
+    assert BreakerPolicy(open_for=30.0).lease == 30.0
+    assert BreakerPolicy(open_for=0.0).lease == 1.0
+    assert BreakerPolicy(open_for=30.0, probe_lease=5.0).lease == 5.0
+
+
+def test_the_fake_clocks_wall_time_moves_with_its_monotonic_time() -> None:
+    """``wall`` starts where asked and advances (and sleeps) with ``now``."""
+    clock = FakeClock(start=5.0, wall=1_700_000_000.0)
+    clock.advance(2.5)
+    assert (clock.now(), clock.wall()) == (7.5, 1_700_000_002.5)
+
+
+async def test_opened_at_is_wall_clock_time() -> None:
+    """A record read on another host must mean the same moment: ``opened_at`` is the clock's wall time."""
+    clock = FakeClock(start=10.0, wall=1_700_000_000.0)
+    store = InMemoryBreakerStore()
+    breaker = CircuitBreaker(BreakerPolicy(consecutive_failures=1), store=store, clock=clock)
+    await trip(breaker, make_call(clock), 1)
+    assert (await store.get("primary")).opened_at == 1_700_000_000.0
+
+
+async def test_an_expired_probe_lease_frees_its_slot_and_its_late_result_is_ignored() -> None:
+    """A probe that never reports holds its slot for the lease only; then the next call is the probe, and the
+    first one's late success decides nothing."""
+    clock = FakeClock()
+    breaker = make_breaker(clock, consecutive_failures=1, open_for=5.0, probe_lease=8.0)
+    await trip(breaker, make_call(clock), 1)
+    clock.advance(5.0)
+    entered = [asyncio.Event(), asyncio.Event()]
+    release = [asyncio.Event(), asyncio.Event()]
+
+    def held(n: int, answer: str) -> Callable[[Call], Awaitable[str]]:
+        async def terminal(call: Call) -> str:
+            entered[n].set()
+            await release[n].wait()
+            return answer
+
+        return terminal
+
+    first = asyncio.create_task(breaker(make_call(clock), held(0, "late")))
+    await entered[0].wait()
+    clock.advance(7.9)
+    assert isinstance(await attempt(breaker, make_call(clock), "ok"), CircuitOpenError)
+    clock.advance(0.1)
+    second = asyncio.create_task(breaker(make_call(clock), held(1, "probe")))
+    await entered[1].wait()
+    assert (await breaker.store.get("primary")).probes_in_flight == 1  # the expired lease gave its slot away
+
+    release[0].set()
+    assert await first == "late"
+    assert await breaker.state("primary") is BreakerState.HALF_OPEN
+    release[1].set()
+    assert await second == "probe"
+    assert await breaker.state("primary") is BreakerState.CLOSED
