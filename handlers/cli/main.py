@@ -25,7 +25,7 @@ from rich.table import Table
 
 from stanchion.contracts import DeadLetter
 from stanchion.handlers.errors import ConfigError
-from stanchion.handlers.nats.connection import connect_options
+from stanchion.handlers.nats.connection import connect_options, nats_servers, redact_url
 from stanchion.handlers.observability.logs import configure_logging
 from stanchion.handlers.observability.telemetry import configure_telemetry, publish_traced
 from stanchion.handlers.settings import Settings, load_settings
@@ -85,7 +85,7 @@ async def _quiet(exc: Exception) -> None:
 
 async def _connect(url: str, settings: Settings, **options: Any) -> Client:
     try:
-        return await nats.connect(url, error_cb=_quiet, **connect_options(settings), **options)
+        return await nats.connect(nats_servers(url), error_cb=_quiet, **connect_options(settings), **options)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
 
@@ -95,6 +95,7 @@ async def _check_nats(url: str, settings: Settings, *, jetstream: bool = False) 
     JetStream for us, or denies its API)."""
     try:
         options = connect_options(settings)
+        servers = nats_servers(url)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
     errors: list[Exception] = []
@@ -106,13 +107,18 @@ async def _check_nats(url: str, settings: Settings, *, jetstream: bool = False) 
         # nats-py keeps retrying a refused first connection even with allow_reconnect=False: bound it.
         nc = await asyncio.wait_for(
             nats.connect(
-                url, connect_timeout=5, max_reconnect_attempts=2, reconnect_time_wait=0.2, error_cb=remember, **options
+                servers,
+                connect_timeout=5,
+                max_reconnect_attempts=2,
+                reconnect_time_wait=0.2,
+                error_cb=remember,
+                **options,
             ),
             timeout=20,
         )
     except Exception as exc:
         cause = _most_telling(errors) or exc
-        raise _fail(f"cannot connect to NATS at {_safe_url(url)}: {cause or type(cause).__name__}", 1) from None
+        raise _fail(f"cannot connect to NATS at {redact_url(url)}: {cause or type(cause).__name__}", 1) from None
     try:
         if jetstream:
             await _check_jetstream(nc)
@@ -136,11 +142,6 @@ def _most_telling(errors: list[Exception]) -> Exception | None:
     After refusing, the server closes the connection, so later attempts may only see a reset."""
     telling = ("authoriz", "authentic", "permission", "certificate", "tls", "ssl")
     return next((e for e in errors if any(word in str(e).lower() for word in telling)), errors[0] if errors else None)
-
-
-def _safe_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else url.rpartition("@")[2]
 
 
 @cli.command()

@@ -7,7 +7,7 @@ import logging
 from faststream.nats import NatsBroker, NatsMessage
 from nats.errors import NotJSMessageError
 
-from stanchion.handlers.nats.connection import broker_security
+from stanchion.handlers.nats.connection import broker_security, nats_servers
 from stanchion.handlers.observability.telemetry import TelemetryMiddleware
 from stanchion.handlers.settings import Settings
 
@@ -18,11 +18,12 @@ def create_broker(settings: Settings, url: str | None = None) -> NatsBroker:
     """A broker that reconnects forever after a server restart; URL, auth and TLS from the settings.
 
     Args:
-        settings: ``NATS_URL`` (else ``nats://127.0.0.1:4222``), credentials, TLS, shutdown grace, tracing.
-        url: Overrides ``NATS_URL``.
+        settings: ``NATS_URL`` (else ``nats://127.0.0.1:4222``; several servers separated by commas), credentials,
+            TLS, shutdown grace, tracing.
+        url: Overrides ``NATS_URL`` (the same form).
     """
     return NatsBroker(
-        url or settings.nats_url or DEFAULT_URL,
+        nats_servers(url or settings.nats_url or DEFAULT_URL),
         name="stanchion",
         # Messaging spans, and W3C trace context carried in message headers (uses the global tracer provider).
         middlewares=[TelemetryMiddleware()] if settings.otel_endpoint else [],

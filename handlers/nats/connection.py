@@ -1,4 +1,4 @@
-"""NATS connection options from the settings: token, user/password, credentials file (nkeys/JWT), TLS."""
+"""NATS connection options from the settings: the servers, token, user/password, credentials file (nkeys/JWT), TLS."""
 
 from __future__ import annotations
 
@@ -9,6 +9,25 @@ from faststream.nats import NatsCredentials, NatsSecurity, NatsToken, NatsUserPa
 
 from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.settings import Settings
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers of ``NATS_URL``: one URL, or several separated by commas (the nodes of a cluster, as the nats CLI
+    takes them); the client tries them in turn and learns the cluster's other nodes from the one it reaches."""
+    servers = [server.strip() for server in url.split(",") if server.strip()]
+    if not servers:
+        raise ConfigError(f"NATS_URL: no server in {url!r} (one URL, or several separated by commas)")
+    return servers
+
+
+def redact_url(url: str) -> str:
+    """``url`` (one or a comma-separated list) without the user names, passwords or tokens its servers carry."""
+    return ",".join(_without_credentials(server.strip()) for server in url.split(","))
+
+
+def _without_credentials(server: str) -> str:
+    scheme, sep, rest = server.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}" if sep else server.rpartition("@")[2]
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:

@@ -1,15 +1,19 @@
-"""Start-up checks, before FastStream starts the broker: JetStream is there and usable, and each handler's streams.
+"""Start-up checks, before FastStream starts the broker: JetStream is there and usable, each handler's streams, and
+a replicated deployment's result bucket.
 
 FastStream's ``broker.start()`` logs a stream it cannot create (a JetStream "subjects overlap", err_code 10065)
 with a traceback and goes on, and a server without JetStream shows up later as a bare ``ServiceUnavailableError``.
 :func:`check_streams` connects the broker first (FastStream's ``connect`` is idempotent: ``start`` reuses the
-connection) and turns each such condition into one ``ConfigError`` line that names what to change.
+connection) and turns each such condition into one ``ConfigError`` line that names what to change. With
+``STANCHION_STREAM_REPLICAS`` > 1 it also puts the result bucket in place on that many servers, so that a cluster too
+small for the setting is a line here rather than streams FastStream could not create.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -21,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from stanchion.handlers.errors import ConfigError
+from stanchion.handlers.nats.results import create_bucket
 from stanchion.handlers.settings import Settings
 
 CONNECT_TIMEOUT_S = 20.0
@@ -46,12 +51,14 @@ async def check_streams(
 
     Raises:
         ConfigError: One line: the connection refused or not made, no JetStream (or not for this account), the
-            JetStream API denied, a stream whose subjects another stream already stores, a missing bound stream.
+            JetStream API denied, a stream whose subjects another stream already stores, a missing bound stream,
+            fewer JetStream servers than ``STANCHION_STREAM_REPLICAS``.
     """
     connection = await _connect(broker, connect_timeout_s)
     try:
         js = broker.config.connection_state.stream
         await _jetstream(js, connection)
+        await _replicated_buckets(js, connection, handlers)
         await _handler_streams(js, connection, handlers, _declared(broker))
     except BaseException:
         with contextlib.suppress(Exception):
@@ -77,6 +84,25 @@ async def _jetstream(js: JetStreamContext, connection: Client) -> None:
         await js.account_info()
     except NatsError as exc:
         raise jetstream_error(exc, connection, "the account information ($JS.API.INFO)") from None
+
+
+async def _replicated_buckets(js: JetStreamContext, connection: Client, handlers: Mapping[str, HasSettings]) -> None:
+    """With ``STANCHION_STREAM_REPLICAS`` > 1: the result bucket created on that many servers (or scaled up to them)
+    before anything uses it (the store would create it on one server); one bucket may serve several handlers."""
+    done: set[str] = set()
+    for settings in (handler.settings for handler in handlers.values()):
+        replicas, bucket = settings.stream_replicas, settings.result_bucket
+        if replicas == 1 or bucket in done:
+            continue
+        done.add(bucket)
+        try:
+            config = (await create_bucket(js, bucket, settings.result_ttl_s, replicas)).config
+            if (config.num_replicas or 1) < replicas:
+                await js.update_stream(dataclasses.replace(config, num_replicas=replicas))
+        except NatsError as exc:
+            error = jetstream_error(exc, connection, f"creating the result bucket {bucket} on {replicas} servers")
+            needs = f"STANCHION_STREAM_REPLICAS={replicas} needs at least {replicas} JetStream servers in a cluster"
+            raise ConfigError(f"{error} ({needs})") from None
 
 
 async def _handler_streams(

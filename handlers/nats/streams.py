@@ -39,7 +39,8 @@ def max_ack_pending(settings: Settings) -> int:
 
 
 def input_stream(settings: Settings, *, declare: bool = True) -> JStream:
-    """The stream that stores the handler's input subject (``declare=False``: an operator's, used as it is)."""
+    """The stream that stores the handler's input subject (``declare=False``: an operator's, used as it is), on
+    ``STANCHION_STREAM_REPLICAS`` servers."""
     if not declare:
         return JStream(settings.input_stream, declare=False)
     return JStream(
@@ -48,6 +49,7 @@ def input_stream(settings: Settings, *, declare: bool = True) -> JStream:
         storage=StorageType.FILE,
         max_age=settings.input_max_age_s,
         retention=RetentionPolicy(settings.input_retention),
+        num_replicas=settings.stream_replicas,
     )
 
 
@@ -56,7 +58,7 @@ def output_stream(
 ) -> JStream:
     """A file-backed stream that drops a second message with the same Nats-Msg-Id within the dedup window, and
     keeps messages for ``STANCHION_OUTPUT_MAX_AGE_S`` (dead letters: ``STANCHION_DLQ_MAX_AGE_S``) and up to the
-    size cap, oldest first."""
+    size cap, oldest first, on ``STANCHION_STREAM_REPLICAS`` servers."""
     if not declare:
         return JStream(name, declare=False)
     return JStream(
@@ -66,6 +68,7 @@ def output_stream(
         storage=StorageType.FILE,
         max_age=settings.dlq_max_age_s if dead_letters else settings.output_max_age_s,
         max_bytes=settings.dlq_max_bytes if dead_letters else settings.output_max_bytes,
+        num_replicas=settings.stream_replicas,
     )
 
 
