@@ -8,7 +8,7 @@ import json
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -28,7 +28,7 @@ from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.nats.connection import connect_options, nats_servers, redact_url
 from stanchion.handlers.observability.logs import configure_logging
 from stanchion.handlers.observability.telemetry import configure_telemetry, publish_traced
-from stanchion.handlers.settings import Settings, load_settings
+from stanchion.handlers.settings import NATS_CONNECTION, Settings, load_settings
 
 if TYPE_CHECKING:
     from faststream import FastStream
@@ -53,9 +53,10 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _configure() -> Settings:
+def _configure(only: Collection[str] | None = None) -> Settings:
+    """The settings (``only``: the fields this command reads; others' bad values are left at their defaults)."""
     try:
-        return load_settings()
+        return load_settings(only)
     except ConfigError as exc:
         raise _fail(f"configuration error: {exc}") from None
 
@@ -413,7 +414,7 @@ def report(
 ) -> None:
     """The production report, per handler: each running replica's figures and their combined table (calls, success
     rate, p50/p95/p99 latency, cost per call and in total against STANCHION_BUDGET_USD, fallbacks, breakers)."""
-    settings = _configure()
+    settings = _configure(NATS_CONNECTION | {"budget_usd"})
     url = _require_nats(settings, "report")
     asyncio.run(_report(settings, url, wait, handler, as_json))
 
@@ -499,6 +500,12 @@ def _handler(settings: Settings, target: str | None, name: str | None) -> Any:
         raise _fail(f"configuration error: {exc}") from None
 
 
+def _dlq_fields(app: str | None, handler: str | None) -> frozenset[str] | None:
+    """What a dlq command reads: the connection and the classifier's dead-letter stream; everything when it builds
+    a handler (``--app`` / ``--handler``)."""
+    return NATS_CONNECTION | {"dlq_stream"} if app is None and handler is None else None
+
+
 def _dlq_stream(settings: Settings, target: str | None, name: str | None, stream: str | None) -> str:
     if stream is not None:
         if target is not None or name is not None:
@@ -517,7 +524,7 @@ def dlq_list(
     stream: StreamOption = None,
 ) -> None:
     """Table of the dead letters of a handler (default: the classifier): reason, subject, deliveries, age."""
-    settings = _configure()
+    settings = _configure(_dlq_fields(app, handler))
     url = _require_nats(settings)
     asyncio.run(_dlq_list(settings, url, _dlq_stream(settings, app, handler, stream), limit))
 
@@ -580,7 +587,7 @@ def dlq_replay(
     """Republish dead letters to their original subject (they keep their id) and remove them from the stream."""
     if (event_id is None) == (not replay_all):
         raise _fail("give either --id ID or --all")
-    settings = _configure()
+    settings = _configure(_dlq_fields(app, handler) if policy_file is None else None)
     url = _require_nats(settings)
     check: Callable[[DeadLetter], str | None] | None = None
     if policy_file is not None:

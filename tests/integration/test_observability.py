@@ -12,9 +12,11 @@ from typing import Any
 import nats
 
 from stanchion.handlers.nats.embedded import EmbeddedNats
+from stanchion.handlers.settings import Settings
 from tests.conftest import (
     STANCHION,
     Collector,
+    clean_env,
     service_env,
     start_service,
     stop_service,
@@ -185,3 +187,44 @@ async def test_report_gathers_every_replica_and_combines_them(
     assert text.count("p50/p95/p99 ms") == 3  # two replicas and the combined table
     assert "budget" in text and "$0.5 budget" in text
     assert "success 100.0%" in text.split("combined:")[1]
+
+
+async def test_report_finds_a_service_whatever_its_durable_and_prints_its_names_whole_at_80_columns(
+    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], tmp_path: Path
+) -> None:
+    """A service with a renamed durable and long model names; `stanchion report` run with none of its names, with
+    an unrelated bad service setting, at 80 columns: finds it, and prints every name whole."""
+    provider = fake_openai()
+    long_name = "smol-native-json-schema-primary"
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[[models]]\nname = "{long_name}"\nmodel = "openai-chat:SmolLM2-135M-Instruct-Q8_0"\n'
+        f'base_url = "{provider.base_url}"\noutput_mode = "native"\n'
+    )
+    settings = unique_settings(nats_server.url)
+    env = service_env(settings, STANCHION_POLICY=str(policy))
+    service = start_service(env, tmp_path)
+    client = await nats.connect(nats_server.url)
+    collector = Collector()
+    try:
+        await client.subscribe(settings.output_subject, cb=collector.on_result)
+        await wait_for_consumer(client, settings, service)
+        for i in range(3):
+            event = {"id": f"renamed-{i}", "text": "the export crashes"}
+            await client.jetstream().publish(settings.input_subject, json.dumps(event).encode())
+        await collector.wait_for(results=3, timeout=60)
+        report_env = clean_env(NATS_URL=nats_server.url, STANCHION_MAX_IN_FLIGHT="abc", COLUMNS="80")
+        proc = await asyncio.to_thread(
+            subprocess.run, [STANCHION, "report"], env=report_env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        await client.close()
+        stop_service(service)
+    assert settings.durable != Settings().durable  # renamed: the report was given none of the service's names
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert f"handler classify ({settings.input_subject})" in text
+    words = {word.strip("(),:;") for word in text.split()}
+    assert {long_name, "openai-chat:SmolLM2-135M-Instruct-Q8_0"} <= words, text
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert f"{long_name} (openai-chat:SmolLM2-135M-Instruct-Q8_0): 3 calls" in " ".join(text.split())
