@@ -31,6 +31,7 @@ from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.models.providers import build_candidates, close_models
 from stanchion.handlers.models.stack import build_stack
 from stanchion.handlers.models.terminal import AgentTerminal
+from stanchion.handlers.nats.breakers import KeyValueBreakerStore
 from stanchion.handlers.nats.broker import delivery_count, raw_body
 from stanchion.handlers.nats.loop import DRAIN_WAIT_S, HAND_BACK_DELAY_S, PULL_TIMEOUT_S, MessageLoop
 from stanchion.handlers.nats.results import KeyValueResultStore
@@ -44,6 +45,7 @@ from stanchion.handlers.nats.streams import (
     recreate_stream,
     stream_prefix,
 )
+from stanchion.handlers.observability.health import HealthServer
 from stanchion.handlers.observability.logs import LlmCallLog
 from stanchion.handlers.observability.metrics import Metrics
 from stanchion.handlers.observability.report import register as register_stats
@@ -174,8 +176,9 @@ class Stanchion:
             ``ConfigError`` naming the variable).
         clock: Time source of every stack, pause and deadline.
         results: Where answered events are kept (default: the NATS KV bucket ``STANCHION_RESULT_BUCKET``).
-        breaker_store: Where the breakers keep their state, shared by every handler (default: in memory, for this
-            process).
+        breaker_store: Where the breakers keep their state, shared by every handler (default: the NATS KV bucket
+            ``STANCHION_BREAKER_BUCKET``, shared by the replicas, when ``settings.shared_breakers``; else in memory,
+            for this process).
     """
 
     def __init__(
@@ -194,12 +197,14 @@ class Stanchion:
         if self.policy is None and self.settings.policy is not None:
             self.policy = load_policy(self.settings.policy)
         self.clock = clock
-        self.breaker_store: BreakerStore = breaker_store or InMemoryBreakerStore()
+        self.breaker_store: BreakerStore = breaker_store or self._default_breakers()
         self.bulkhead = Bulkhead()  # every handler of this process calling a model shares its slots
         self.handlers: dict[str, Handler[Any, Any]] = {}
         self.results: ResultStore = results or self._kv_results()
         self.metrics = Metrics(metrics.get_meter_provider()) if self.settings.otel_endpoint else None
         self._stats_services: list[Any] = []
+        self._ready = False
+        self._health: HealthServer | None = None
         self._preflighted = False
         if self.settings.otel_endpoint and not any(
             isinstance(m, NatsTelemetryMiddleware | TelemetryMiddleware) for m in broker.config.broker_middlewares
@@ -218,6 +223,17 @@ class Stanchion:
             lambda: state.connection,
             self.settings.result_bucket,
             self.settings.result_ttl_s,
+            js=lambda: state.stream,
+        )
+
+    def _default_breakers(self) -> BreakerStore:
+        if not self.settings.shared_breakers:
+            return InMemoryBreakerStore()
+        state = self.broker.config.connection_state  # connected later, like the results
+        return KeyValueBreakerStore(
+            lambda: state.connection,
+            self.settings.breaker_bucket,
+            replicas=self.settings.stream_replicas,
             js=lambda: state.stream,
         )
 
@@ -569,13 +585,36 @@ class Stanchion:
     async def _started(self) -> None:
         """Bring every durable up to its settings; announce every handler's statistics (``stanchion report``)."""
         state = self.broker.config.connection_state
+        if isinstance(self.breaker_store, KeyValueBreakerStore):
+            await self.breaker_store.start()  # the bucket, the records, the watch (or a warning and local state)
         for handler in self.handlers.values():
             await reconcile_consumer(state.stream, handler.settings)
             self._stats_services.append(await register_stats(state.connection, handler.stats))
+        self._ready = True
+        if self.settings.health_port is not None and self._health is None:
+            self._health = HealthServer(self.readiness, self.settings.health_host, self.settings.health_port)
+            await self._health.start()
+
+    def readiness(self) -> dict[str, Any]:
+        """Whether this process is ready (started, connected, every handler consuming), and the figures behind it:
+        what ``/readyz`` answers."""
+        connection = self.broker.config.connection_state.connection if self._ready else None
+        connected = bool(connection is not None and connection.is_connected)
+        handlers = {
+            name: {
+                "consuming": self._ready and not h.loop.stopping,
+                "paused": h.loop.pause.until > self.clock.now(),
+                "waiting": h.loop.waiting,
+            }
+            for name, h in self.handlers.items()
+        }
+        ready = self._ready and connected and all(h["consuming"] for h in handlers.values())
+        return {"ready": ready, "started": self._ready, "connected": connected, "handlers": handlers}
 
     async def _stopping(self) -> None:
         """Shutdown began (before the broker stops): every handler hands back what it holds; stats withdrawn."""
         self._preflighted = False  # a later start checks again
+        self._ready = False  # /readyz fails from now on: an orchestrator sends nothing new our way
         for handler in self.handlers.values():
             handler.loop.stop(handler.settings.shutdown_grace_s)
         if self.handlers:
@@ -593,9 +632,14 @@ class Stanchion:
         self._stats_services.clear()
 
     async def aclose(self) -> None:
-        """Close the provider clients the handlers built."""
+        """Close the provider clients the handlers built, and the health endpoint."""
         for handler in self.handlers.values():
             await handler.aclose()
+        if isinstance(self.breaker_store, KeyValueBreakerStore):
+            await self.breaker_store.aclose()  # stop watching the shared breakers
+        if self._health is not None:
+            await self._health.stop()
+            self._health = None
 
 
 def _event_type(prompt: Callable[..., Any]) -> type[BaseModel]:
