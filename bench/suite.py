@@ -4,7 +4,7 @@ Starts its own nats-server (JetStream, temporary store) and its own OpenAI-compa
 runs each comparison in this one process run (variants interleaved, repeated, medians and ratios), prints
 a table per comparison and writes ``bench/RESULTS.md``: all of it after a run of every comparison, only the
 sections of the comparisons run with ``--only`` (the others stay, each naming the run it came from).
-Comparisons: reference, overhead, tracing, concurrency, failfast, memory, agent. A full run takes about 10
+Comparisons: reference, overhead, tracing, concurrency, failfast, memory, agent, breakers. A full run takes about 10
 minutes on 2 cores; ``--quick`` a few.
 """
 
@@ -21,12 +21,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench import inproc, processes
+from bench import breakers, inproc, processes
 from bench.harness import PIDS, Report, print_report, render, workdir
 from stanchion.handlers.nats.embedded import EmbeddedNats
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-NAMES = ("reference", "overhead", "tracing", "concurrency", "failfast", "memory", "agent")
+NAMES = ("reference", "overhead", "tracing", "concurrency", "failfast", "memory", "agent", "breakers")
 
 Comparison = Callable[[str, Path, bool], Coroutine[Any, Any, Report]]
 
@@ -43,6 +43,7 @@ def _comparisons() -> dict[str, Comparison]:
         "failfast": lambda url, d, q: processes.fail_fast(url, d, quick=q),
         "memory": lambda url, d, q: processes.memory(url, d, quick=q),
         "agent": agent,
+        "breakers": lambda url, d, q: breakers.shared_breakers(url, quick=q),
     }
 
 
