@@ -361,8 +361,11 @@ class KeyValueBreakerStore:
                         self.conflicts += 1
                         self._adopt(key, *await self._read(key))
                         continue
-                if remote is not None and (entry is None or entry.revision != remote_revision or entry.dirty):
-                    self._adopt(key, remote, remote_revision)
+                if remote is None:
+                    continue
+                if entry is not None and not entry.dirty and (entry.revision or 0) >= (remote_revision or 0):
+                    continue  # known here already, or the watch has since brought a later change
+                self._adopt(key, remote, remote_revision)
 
     async def _watched(self, key: str, record: BreakerRecord, revision: int) -> None:
         """A change the watch delivered: taken unless it is a write of this replica, already applied."""
