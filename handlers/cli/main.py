@@ -414,7 +414,7 @@ def report(
 ) -> None:
     """The production report, per handler: each running replica's figures and their combined table (calls, success
     rate, p50/p95/p99 latency, cost per call and in total against STANCHION_BUDGET_USD, fallbacks, breakers)."""
-    settings = _configure(NATS_CONNECTION | {"budget_usd"})
+    settings = _configure(NATS_CONNECTION | {"budget_usd", "breaker_bucket"})
     url = _require_nats(settings, "report")
     asyncio.run(_report(settings, url, wait, handler, as_json))
 
@@ -423,9 +423,14 @@ async def _report(settings: Settings, url: str, wait_s: float, handler: str | No
     from stanchion.handlers.observability.report import by_handler, combine, gather, render
 
     await _check_nats(url, settings)
+    from stanchion.handlers.nats.breakers import read_breakers
+    from stanchion.handlers.observability.report import shared_breakers
+
     nc = await _connect(url, settings)
     try:
         replicas = await gather(nc, handler=handler, wait_s=wait_s)
+        # The breakers the replicas share (STANCHION_BREAKER_STORE=kv): one state, read once, not one per replica.
+        shared = await read_breakers(nc.jetstream(), settings.breaker_bucket) if replicas else {}
     finally:
         await nc.close()
     if as_json:
@@ -437,6 +442,7 @@ async def _report(settings: Settings, url: str, wait_s: float, handler: str | No
                     "durable": durable,
                     "replicas": [r.to_dict() for r in group],
                     "combined": combine(group).to_dict(),
+                    **({"shared_breakers": shared_breakers(shared, name)} if shared else {}),
                 }
                 for (name, durable), group in by_handler(replicas).items()
             ],
@@ -446,7 +452,7 @@ async def _report(settings: Settings, url: str, wait_s: float, handler: str | No
         }
         out.print_json(json.dumps(figures))
     else:
-        render(replicas, out, settings.budget_usd)
+        render(replicas, out, settings.budget_usd, shared)
     if not replicas:
         raise typer.Exit(1)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from nats.aio.client import Client
@@ -24,6 +25,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from stanchion.handlers.observability.stats import Histogram, ModelStats, ServiceStats
+from stanchion.middleware import BreakerRecord
 
 SERVICE_NAME = "stanchion"
 VERSION = "0.1.0"
@@ -170,8 +172,16 @@ def _percentiles(latency: Histogram) -> str:
     return "/".join(_ms(latency.percentile(q)) for q in (0.5, 0.95, 0.99))
 
 
-def stats_table(stats: ServiceStats, title: str, budget_usd: float | None, console: Console | None = None) -> Group:
+def stats_table(
+    stats: ServiceStats,
+    title: str,
+    budget_usd: float | None,
+    console: Console | None = None,
+    shared: bool = False,
+) -> Group:
     """One replica's (or the sum's) figures: a row per model, then the event-level summary.
+
+    ``shared``: the breakers are shared by the replicas and shown once, beside the handler: not per replica.
 
     Names are never cut: when the table would not fit whole in the ``console``'s width, each model gets a line of words
     instead (wrapped between figures).
@@ -212,6 +222,8 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None, conso
     finished = stats.answered + sum(stats.dead_letters.values())
     dead = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.dead_letters.items())) or "0"
     breakers = ", ".join(f"{name} {state}" for name, state in sorted(stats.breakers.items())) or "all closed"
+    if shared:
+        breakers = "shared (above)"
     cost = stats.cost_usd
     failed = f", of which {_usd(stats.failed_cost_usd)} on failed calls" if stats.failed_cost_usd else ""
     spent = _usd(cost) if priced or not calls else "unknown (no price known for these models)"
@@ -255,8 +267,37 @@ def stats_table(stats: ServiceStats, title: str, budget_usd: float | None, conso
     return Group(table, *lines)
 
 
-def render(replicas: list[ServiceStats], console: Console, budget_usd: float | None) -> None:
-    """Per handler (name and subject): each replica's figures, then the combined table of its replicas."""
+def shared_breakers(records: Mapping[str, BreakerRecord], handler: str) -> dict[str, dict[str, Any]]:
+    """The shared breakers one handler uses: provider health (by model, every handler's) and its own output quality
+    (``<handler>/<model>``), each with its state and, when open, since when (wall clock)."""
+    mine = {
+        key: {"state": record.state.value, "opened_at": record.opened_at}
+        for key, record in records.items()
+        if "/" not in key or key.startswith(f"{handler}/")
+    }
+    return dict(sorted(mine.items()))
+
+
+def _breaker_words(breakers: Mapping[str, Mapping[str, Any]], now: float) -> str:
+    words = []
+    for key, record in breakers.items():
+        since = record.get("opened_at")
+        ago = f" for {now - since:,.0f} s" if since is not None and record["state"] != "closed" else ""
+        words.append(f"{key} {record['state']}{ago}")
+    return ", ".join(words) or "all closed"
+
+
+def render(
+    replicas: list[ServiceStats],
+    console: Console,
+    budget_usd: float | None,
+    shared: Mapping[str, BreakerRecord] | None = None,
+) -> None:
+    """Per handler (name and subject): each replica's figures, then the combined table of its replicas.
+
+    ``shared``: the records of the breakers the replicas share (``read_breakers``): shown once per handler, and no
+    longer per replica.
+    """
     if not replicas:
         console.print(
             f"no running stanchion service answered $SRV.STATS.{SERVICE_NAME} within the wait "
@@ -267,10 +308,13 @@ def render(replicas: list[ServiceStats], console: Console, budget_usd: float | N
     for (handler, _), group in by_handler(replicas).items():
         label = f"handler {handler or '?'} ({group[0].subject or '?'})"
         console.print(f"[bold]{label}[/bold]: {len(group)} replica(s)")
+        if shared:
+            console.print(f"breakers, shared by the replicas: {_breaker_words(shared_breakers(shared, handler), now)}")
         for stats in group:
             title = f"replica {stats.replica} ({stats.host} pid {stats.pid}, up {now - stats.started_at:,.0f} s)"
-            console.print(stats_table(stats, title, budget_usd, console))
+            console.print(stats_table(stats, title, budget_usd, console, bool(shared)))
             console.print()
         if len(group) > 1:
-            console.print(stats_table(combine(group), f"{label} combined: {len(group)} replicas", budget_usd, console))
+            title = f"{label} combined: {len(group)} replicas"
+            console.print(stats_table(combine(group), title, budget_usd, console, bool(shared)))
             console.print()

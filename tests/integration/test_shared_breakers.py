@@ -21,6 +21,7 @@ from stanchion.handlers.nats.embedded import EmbeddedNats
 from stanchion.handlers.settings import Settings
 from stanchion.middleware import BreakerState
 from tests.conftest import (
+    STANCHION,
     Collector,
     assert_each_accounted_once,
     read_stream,
@@ -116,10 +117,24 @@ async def test_three_replicas_trip_one_shared_breaker(
         results = await read_stream(client, settings.output_stream)
         dead = await read_stream(client, settings.dlq_stream)
         shared = await read_breakers(client.jetstream(), settings.breaker_bucket)
+        report_env = {**env, "COLUMNS": "200"}
+        report = await asyncio.to_thread(
+            subprocess.run, [STANCHION, "report"], env=report_env, capture_output=True, text=True, timeout=60
+        )
+        as_json = await asyncio.to_thread(
+            subprocess.run, [STANCHION, "report", "--json"], env=report_env, capture_output=True, text=True, timeout=60
+        )
     finally:
         for service in services:
             stop_service(service)
         await client.close()
+    # The report shows the shared breaker once, beside the handler, not once per replica.
+    assert report.returncode == 0, report.stderr
+    [line] = [line for line in report.stdout.splitlines() if line.startswith("breakers, shared by the replicas: ")]
+    assert "primary open for" in line and report.stdout.count("shared by the replicas") == 1, report.stdout
+    assert report.stdout.count("breakers: shared (above)") == 4  # three replicas and the combined table
+    [section] = json.loads(as_json.stdout)["handlers"]
+    assert section["shared_breakers"]["primary"]["state"] == "open" and len(section["replicas"]) == 3
     assert_each_accounted_once(ids, results, dead)
     assert dead == []
     assert {r["model"] for r in results} == {"backup"}
