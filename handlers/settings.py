@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=16, ge=1, le=10_000)
     replicas: int = Field(default=1, ge=1, le=1000)
     max_deliver: int = Field(default=5, ge=1)
-    ack_wait_s: float = Field(default=10.0, gt=0)
+    ack_wait_s: float = Field(default=5.0, gt=0)
     deadline_s: float = Field(default=60.0, gt=0)
     attempt_timeout_s: float = Field(default=20.0, gt=0)
     output_retries: int = Field(default=1, ge=0, le=10)
