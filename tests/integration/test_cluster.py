@@ -149,6 +149,33 @@ async def test_a_replicated_result_bucket_is_read_through_its_leader(cluster: Na
     assert asked == [f"$JS.API.STREAM.MSG.GET.KV_{b}" for b in (ours, ours, theirs, theirs)]
 
 
+async def test_a_put_and_a_lookup_wait_for_the_new_leader_when_the_bucket_leader_is_lost(
+    cluster: NatsCluster,
+) -> None:
+    """The node leading a replicated result bucket SIGKILLed: a put and a lookup made at once are tried again until
+    the others have elected a new leader, instead of failing (which would throw an answer away)."""
+    client = await nats.connect(cluster.servers, reconnect_time_wait=0.1)
+    bucket = f"c{next(_buckets)}_results"
+    store = KeyValueResultStore(lambda: client, bucket, ttl_s=60, replicas=3)
+    killed: int | None = None
+    try:
+        await store.put("before", StoredResult(b'{"event_id": "before"}', published=False))
+        killed = await cluster.leader(client, store.stream)
+        cluster.kill(killed)
+        await store.put("after", StoredResult(b'{"event_id": "after"}', published=False))
+        found = (await store.get("before"), await store.get("after"))
+        leader = await cluster.leader(client, store.stream)
+    finally:
+        if killed is not None:
+            await cluster.restart(killed)
+        await client.close()
+    assert found == (
+        StoredResult(b'{"event_id": "before"}', published=False),
+        StoredResult(b'{"event_id": "after"}', published=False),
+    )
+    assert leader != killed
+
+
 async def test_a_bucket_on_one_server_keeps_direct_gets(nats_server: EmbeddedNats) -> None:
     """On a single server the store reads with direct gets (no follower to lag; the cheaper request)."""
     client = await nats.connect(nats_server.url)
