@@ -87,9 +87,10 @@ class NatsCluster:
         """SIGKILL one node; its store stays for :meth:`restart`."""
         self.nodes[index].kill()
 
-    async def restart(self, index: int) -> None:
-        """Start a killed node again, on its store and ports."""
+    async def restart(self, index: int, timeout: float = 30.0) -> None:
+        """Start a killed node again, on its store and ports, and wait until it holds streams again."""
         await asyncio.to_thread(self.nodes[index].start)
+        await self.wait_ready(timeout)
 
     async def leader(self, client: Client, stream: str) -> int:
         """The index of the node that leads ``stream``."""

@@ -25,6 +25,7 @@ from stanchion.handlers.errors import ConfigError
 from stanchion.handlers.nats.embedded import EmbeddedNats
 from stanchion.handlers.nats.results import KeyValueResultStore
 from stanchion.handlers.runtime.results import StoredResult
+from stanchion.handlers.settings import Settings
 from tests.cluster import NatsCluster
 from tests.conftest import (
     assert_each_accounted_once,
@@ -34,7 +35,6 @@ from tests.conftest import (
     start_service,
     stop_service,
     unique_settings,
-    wait_for_consumer,
 )
 from tests.fake_openai import FakeOpenAI
 
@@ -72,7 +72,7 @@ async def test_the_leader_of_the_input_stream_killed_mid_stream_loses_nothing_an
     killed: int | None = None
     try:
         service = start_service(env, tmp_path)
-        await wait_for_consumer(client, settings, service, timeout=60)
+        await _consumer_up(client, settings, service)
         for event_id in ids:
             event = {"id": event_id, "text": f"checkout crashes ({event_id})"}
             await js.publish(settings.input_subject, json.dumps(event).encode())
@@ -99,6 +99,19 @@ async def test_the_leader_of_the_input_stream_killed_mid_stream_loses_nothing_an
     assert_each_accounted_once(ids, results, dead)
     assert dead == []
     assert replicas == [3, 3, 3, 3]
+
+
+async def _consumer_up(client: Client, settings: Settings, service: subprocess.Popen[bytes]) -> None:
+    """Until the service has its durable (a request about it may go unanswered while its R3 stream elects a
+    leader: asked again)."""
+    async with asyncio.timeout(60):
+        while True:
+            assert service.poll() is None, "the service exited"
+            try:
+                await client.jetstream().consumer_info(settings.input_stream, settings.durable)
+                return
+            except (nats.errors.Error, TimeoutError):
+                await asyncio.sleep(0.2)
 
 
 async def _settled(request: Callable[[], Awaitable[T]]) -> T:
@@ -226,3 +239,20 @@ async def test_the_result_bucket_is_in_place_on_every_server_before_the_first_ev
     finally:
         await client.close()
     assert (config.num_replicas, config.allow_direct, config.max_age) == (3, False, settings.result_ttl_s)
+
+
+async def test_a_result_bucket_on_one_server_is_scaled_up_at_start_up(cluster: NatsCluster) -> None:
+    """A result bucket already there on one server (a deployment that grew into a cluster) is on three once an app
+    with STANCHION_STREAM_REPLICAS=3 has started, with what it held."""
+    settings = unique_settings(cluster.url, stream_replicas=3)
+    client = await nats.connect(cluster.servers)
+    try:
+        kv = await client.jetstream().create_key_value(bucket=settings.result_bucket, history=1, replicas=1)
+        await kv.put("kept", b"S{}")
+        app, _ = create_app(settings, policy_for(), url=cluster.url)
+        async with asyncio.timeout(60), app:
+            config = (await client.jetstream().stream_info(f"KV_{settings.result_bucket}")).config
+            kept = (await kv.get("kept")).value
+    finally:
+        await client.close()
+    assert (config.num_replicas, kept) == (3, b"S{}")
