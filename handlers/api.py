@@ -224,6 +224,7 @@ class Stanchion:
             self.settings.result_bucket,
             self.settings.result_ttl_s,
             js=lambda: state.stream,
+            replicas=self.settings.stream_replicas,  # a bucket recreated after a deletion keeps the deployment's
         )
 
     def _default_breakers(self) -> BreakerStore:
