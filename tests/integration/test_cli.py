@@ -134,12 +134,22 @@ async def test_stanchion_run_answers_events_from_a_plain_client(
 
 
 async def test_the_policy_file_example_works_as_written(
-    nats_server: EmbeddedNats, fake_openai: Callable[..., FakeOpenAI], monkeypatch: pytest.MonkeyPatch
+    nats_server: EmbeddedNats,
+    fake_openai: Callable[..., FakeOpenAI],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """The README's policy example, unchanged: primary (port 18000) answers 503, so backup (18001) serves."""
+    """The README's policy example, unchanged but for its servers' ports (the OS's, never fixed ones): primary
+    answers 503, so backup serves."""
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
-    primary, backup = fake_openai(port=18000, always="503"), fake_openai(port=18001)
-    policy = load_policy(ROOT / "examples/policy.toml")
+    primary, backup = fake_openai(always="503"), fake_openai()
+    text = (ROOT / "examples/policy.toml").read_text()
+    urls = {"http://127.0.0.1:18000/v1": primary.base_url, "http://127.0.0.1:18001/v1": backup.base_url}
+    assert all(url in text for url in urls)
+    for url, ours in urls.items():
+        text = text.replace(url, ours)
+    (tmp_path / "policy.toml").write_text(text)
+    policy = load_policy(tmp_path / "policy.toml")
     async with running_service(nats_server.url, policy) as svc:
         for i in range(3):
             await svc.publish({"id": f"p-{i}", "text": "please add SSO"})
