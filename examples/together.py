@@ -17,7 +17,7 @@ from examples.refund.service import Email, refund_agent, regex_refund
 from stanchion import Stanchion
 from stanchion.handlers.classify.app import declare
 
-broker = NatsBroker(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+broker = NatsBroker(os.environ.get("NATS_URL", "nats://127.0.0.1:4222").split(","))
 reliable = Stanchion(broker, policy=Path(__file__).with_name("together.toml"))
 classifier = declare(reliable)
 

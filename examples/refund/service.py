@@ -64,7 +64,7 @@ def regex_refund(email: Email) -> Refund:
     )
 
 
-broker = NatsBroker(os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
+broker = NatsBroker(os.environ.get("NATS_URL", "nats://127.0.0.1:4222").split(","))
 reliable = Stanchion(broker, policy=Path(__file__).with_name("policy.toml"))
 
 
