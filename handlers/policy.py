@@ -44,6 +44,11 @@ class BreakerConfig(_Strict):
     min_calls: int = Field(default=10, ge=1)
     open_s: float = Field(default=30.0, ge=0)
     half_open_probes: int = Field(default=1, ge=1)
+    probe_lease_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a half-open probe holds its slot (default: open_s); keep it above the attempt timeout.",
+    )
     count_invalid_output: bool = Field(
         default=True,
         description="Also trip (per handler) on output still invalid after its retries, with the same thresholds.",

@@ -53,6 +53,7 @@ def breaker_policy(config: BreakerConfig, *, quality: bool = False) -> BreakerPo
         min_calls=config.min_calls,
         open_for=config.open_s,
         half_open_probes=config.half_open_probes,
+        probe_lease=config.probe_lease_s,
     )
 
 
@@ -110,6 +111,8 @@ def build_stack(
     }
     timeouts = {name: route.timeout.attempt_s or attempt_timeout_s for name, route in policy.routes.items()}
     store = breaker_store or InMemoryBreakerStore()
+    if not isinstance(store, InMemoryBreakerStore):  # shared: a stale lease lets another replica probe too
+        _check_leases(policy, max(timeouts.values(), default=attempt_timeout_s))
     breakers = tuple(
         CircuitBreaker(
             policy=breaker_policy(policy.breaker, quality=quality),
@@ -148,6 +151,20 @@ def build_stack(
         Timeout(attempt_timeout_s, per_route=timeouts),
     ]
     return Stack(middleware, terminal), (health, quality)
+
+
+def _check_leases(policy: ResolvedPolicy, attempt_timeout_s: float) -> None:
+    """Warn when a half-open probe could outlive its lease: another probe would then be let through beside it."""
+    for model in policy.models:
+        lease = breaker_policy(model.breaker or policy.breaker).lease
+        if lease < attempt_timeout_s:
+            log.warning(
+                "a half-open probe may outlive its lease: set breaker.probe_lease_s (or open_s) above the attempt "
+                "timeout",
+                candidate=model.name,
+                lease_s=lease,
+                attempt_timeout_s=attempt_timeout_s,
+            )
 
 
 def _log_transition(key: str, old: Any, new: Any) -> None:

@@ -201,3 +201,30 @@ def test_a_bad_nak_backoff_names_the_setting_and_the_expected_form(monkeypatch: 
     monkeypatch.setenv("STANCHION_NAK_BACKOFF_S", "soon")
     with pytest.raises(ConfigError, match=r"STANCHION_NAK_BACKOFF_S: expected seconds by delivery, like 2,10,30,60"):
         load_settings()
+
+
+def test_a_probe_lease_in_the_policy_reaches_the_breaker_and_a_short_one_is_warned_about_when_shared() -> None:
+    """breaker.probe_lease_s sets how long a half-open probe holds its slot; with a shared store a lease shorter
+    than the attempt timeout is a start-up warning naming the model."""
+    import structlog.testing
+
+    from stanchion.handlers.models.stack import breaker_policy, build_stack
+    from stanchion.handlers.nats.breakers import KeyValueBreakerStore
+    from stanchion.middleware import Candidate
+
+    policy = Policy.model_validate(
+        {"models": [{"name": "m", "model": "openai-chat:x", "breaker": {"open_s": 30, "probe_lease_s": 5}}]}
+    )
+    config = policy.models[0].breaker
+    assert config is not None and breaker_policy(config).lease == 5
+
+    # A shared store, never started (nothing here talks to NATS).
+    store = KeyValueBreakerStore(lambda: NotImplemented, "unused")
+
+    async def terminal(call: object) -> str:
+        return "ok"
+
+    with structlog.testing.capture_logs() as logs:
+        build_stack(policy.section(None), terminal, {"m": Candidate("m")}, attempt_timeout_s=20, breaker_store=store)
+    [warning] = [e for e in logs if "outlive its lease" in e["event"]]
+    assert warning["candidate"] == "m" and warning["lease_s"] == 5
