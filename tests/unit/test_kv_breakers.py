@@ -47,6 +47,7 @@ from tests.unit.fakes import Script, server_error
 
 _buckets = itertools.count()
 DOWN = "breaker bucket unavailable: breakers go on with their last known state and local counts"
+BACK = "breaker bucket reachable again"
 Transition = tuple[str, BreakerState, BreakerState]
 
 
@@ -309,7 +310,10 @@ async def test_bucket_deleted_breakers_keep_their_state_it_is_logged_once_and_re
 
 async def test_server_down_breakers_count_locally_and_catch_up_when_it_is_back(tmp_path: Path) -> None:
     """With the server gone, A counts failures locally and trips (logging once); when the server is back A writes
-    what it learnt and B, which wrote nothing meanwhile, learns of the trip."""
+    what it learnt and B, which wrote nothing meanwhile, learns of the trip.
+
+    A logs that the bucket is back only once its catch-up write is confirmed, and B can be told of that write
+    first (when B's watch is back before A's recovery writes): the capture waits for A's line too."""
     server = EmbeddedNats(store_dir=tmp_path / "nats", port=free_port())
     server.start()
     try:
@@ -330,12 +334,11 @@ async def test_server_down_breakers_count_locally_and_catch_up_when_it_is_back(t
                 assert seen == []
                 server.start()
                 await until(lambda: bool(seen), timeout=30)
+                await until(lambda: any(e["event"] == BACK and e.get("bucket") == a.bucket for e in logs))
         assert seen == [("primary", BreakerState.CLOSED, BreakerState.OPEN)]
-        events = [e["event"] for e in logs if e["log_level"] != "debug"]
-        assert (
-            events.count("breaker bucket unavailable: breakers go on with their last known state and local counts") == 1
-        )
-        assert events.count("breaker bucket reachable again") == 1
+        events = [e["event"] for e in logs if e.get("bucket") == a.bucket and e["log_level"] != "debug"]
+        assert events.count(DOWN) == 1
+        assert events.count(BACK) == 1
     finally:
         server.stop()
 
