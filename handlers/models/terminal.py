@@ -287,18 +287,17 @@ class AgentTerminal(Generic[EventT, OutputT]):
         output is still invalid when its retries are spent raises ``InvalidOutput`` with the last errors.
         """
         run_usage = RunUsage()  # pydantic-ai adds to the usage it is given as the run goes, whatever its end
+        spent: UnexpectedModelBehavior | None = None
         with capture_run_messages() as messages:
             try:
                 result = await self._run(agent, text, model, target, deps, run_usage)
             except UnexpectedModelBehavior as exc:
                 if not str(exc).startswith("Exceeded maximum output retries"):
                     raise
-                last = validation_errors(output_retry_feedback(exc)) or _last_feedback(messages)
-                raise InvalidOutput(
-                    call.candidate.name if call.candidate else None, last, target.output_retries
-                ) from exc
+                spent = exc
             finally:
-                _retry_decisions(call, messages)
+                feedback = _feedback(messages)
+                _retry_decisions(call, feedback)
                 usage = Usage(
                     input_tokens=run_usage.input_tokens,
                     output_tokens=run_usage.output_tokens,
@@ -307,6 +306,9 @@ class AgentTerminal(Generic[EventT, OutputT]):
                 if usage.requests:
                     reported = float(run_usage.cost) if run_usage.cost is not None else None
                     call.add_usage(usage, target.cost(usage, reported))
+        if spent is not None:
+            last = validation_errors(output_retry_feedback(spent)) or (feedback[-1] if feedback else [])
+            raise InvalidOutput(call.candidate.name if call.candidate else None, last, target.output_retries) from spent
         return result.output
 
     @staticmethod
@@ -412,13 +414,8 @@ def _feedback(messages: list[ModelMessage]) -> list[list[dict[str, str]]]:
     return found
 
 
-def _last_feedback(messages: list[ModelMessage]) -> list[dict[str, str]]:
-    feedback = _feedback(messages)
-    return feedback[-1] if feedback else []
-
-
-def _retry_decisions(call: Call, messages: list[ModelMessage]) -> None:
-    for number, errors in enumerate(_feedback(messages), start=1):
+def _retry_decisions(call: Call, feedback: list[list[dict[str, str]]]) -> None:
+    for number, errors in enumerate(feedback, start=1):
         detail = "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors)
         call.decide("output_retry", f"output invalid, asked again: {detail}", retry=number, errors=errors)
 

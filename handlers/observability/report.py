@@ -198,27 +198,12 @@ def stats_table(
     )
     for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=True)
-    rows = [_model_row(name, model) for name, model in sorted(stats.models.items())]
-    for row in rows:
-        table.add_row(*row)
-    calls = stats.model_calls
-    ok = sum(m.ok for m in stats.models.values())
-    priced = sum(m.priced_calls for m in stats.models.values())
-    every_call = Histogram()
-    for model in stats.models.values():
-        every_call.merge(model.latency)
-    table.add_row(
-        "all models",
-        str(calls),
-        _pct(ok, calls),
-        _percentiles(every_call),
-        _tokens(
-            sum(m.input_tokens for m in stats.models.values()), sum(m.output_tokens for m in stats.models.values())
-        ),
-        _usd(stats.cost_usd / priced if priced else None),
-        _usd(stats.cost_usd if priced else None),
-        style="bold",
-    )
+    models = sorted(stats.models.items())
+    for name, model in models:
+        table.add_row(*_model_row(name, model))
+    every = _every_model(stats)
+    table.add_row(*_model_row("all models", every), style="bold")
+    calls, priced = every.calls, every.priced_calls
     finished = stats.answered + sum(stats.dead_letters.values())
     dead = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.dead_letters.items())) or "0"
     breakers = ", ".join(f"{name} {state}" for name, state in sorted(stats.breakers.items())) or "all closed"
@@ -253,18 +238,22 @@ def stats_table(
     if console is not None and Measurement.get(console, console.options.update_width(10_000), table).maximum > (
         console.width
     ):
-        per_model = [_model_line(name, model) for name, model in sorted(stats.models.items())]
-        every = ModelStats(
-            calls=calls,
-            ok=ok,
-            priced_calls=priced,
-            cost_usd=stats.cost_usd,
-            latency=every_call,
-            input_tokens=sum(m.input_tokens for m in stats.models.values()),
-            output_tokens=sum(m.output_tokens for m in stats.models.values()),
-        )
-        return Group(f"[bold]{title}[/bold]", *per_model, _model_line("all models", every), *lines)
+        per_model = [_model_line(name, model) for name, model in [*models, ("all models", every)]]
+        return Group(f"[bold]{title}[/bold]", *per_model, *lines)
     return Group(table, *lines)
+
+
+def _every_model(stats: ServiceStats) -> ModelStats:
+    """Every model's calls as one (the "all models" row); its cost is the service's total."""
+    every = ModelStats(cost_usd=stats.cost_usd)
+    for model in stats.models.values():
+        every.calls += model.calls
+        every.ok += model.ok
+        every.priced_calls += model.priced_calls
+        every.input_tokens += model.input_tokens
+        every.output_tokens += model.output_tokens
+        every.latency.merge(model.latency)
+    return every
 
 
 def shared_breakers(records: Mapping[str, BreakerRecord], handler: str) -> dict[str, dict[str, Any]]:
